@@ -1,0 +1,87 @@
+"""Argument validation shared by every module (private).
+
+Each helper raises ``TypeError`` or ``ValueError`` whose message names the argument, what was
+expected and what arrived, as DESIGN.md asks of every public function.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+__all__: list[str] = []
+
+Triple = tuple[int, int, int]
+
+
+def to_triple(value: Any, name: str) -> Triple:
+    """Return ``value`` (an int or a sequence of three ints, all positive) as a 3-tuple."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int or a sequence of 3 ints, got bool {value!r}")
+    if isinstance(value, int):
+        items: tuple[Any, ...] = (value, value, value)
+    elif isinstance(value, Sequence) and not isinstance(value, str):
+        items = tuple(value)
+        if len(items) != 3:
+            raise ValueError(
+                f"{name} must be an int or a sequence of 3 ints (depth, height, width), "
+                f"got {len(items)} values {value!r}"
+            )
+    else:
+        raise TypeError(
+            f"{name} must be an int or a sequence of 3 ints, got {type(value).__name__} {value!r}"
+        )
+    out = []
+    for v in items:
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"{name} must contain ints, got {type(v).__name__} in {value!r}")
+        if v <= 0:
+            raise ValueError(f"{name} must be positive, got {value!r}")
+        out.append(int(v))
+    return out[0], out[1], out[2]
+
+
+def check_tensor(x: Any, name: str, ndim: int | Sequence[int] | None = None) -> torch.Tensor:
+    """Check that ``x`` is a tensor with one of the allowed numbers of dimensions."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if ndim is not None:
+        allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
+        if x.ndim not in allowed:
+            want = " or ".join(str(n) for n in allowed)
+            raise ValueError(
+                f"{name} must have {want} dimensions, got shape {tuple(x.shape)} ({x.ndim} dims)"
+            )
+    return x
+
+
+def check_floating(x: torch.Tensor, name: str) -> torch.Tensor:
+    """Check that ``x`` has a floating-point dtype."""
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    return x
+
+
+def check_index(index: torch.Tensor, name: str, batch: int, length: int) -> torch.Tensor:
+    """Check a ``(B, K)`` integer index tensor into a sequence of ``length`` tokens.
+
+    The range check needs the values on the host, so it only runs for CPU tensors; on CUDA an
+    out-of-range index stops the kernel with a device-side error instead of giving a wrong result.
+    """
+    check_tensor(index, name, ndim=2)
+    if index.dtype != torch.long:
+        raise TypeError(f"{name} must be an int64 (torch.long) tensor, got dtype {index.dtype}")
+    if index.shape[0] != batch:
+        raise ValueError(
+            f"{name} must have the batch size of the tokens ({batch}) as its first dimension, "
+            f"got shape {tuple(index.shape)}"
+        )
+    if index.device.type == "cpu" and index.numel() > 0:
+        lo, hi = int(index.min()), int(index.max())
+        if lo < 0 or hi >= length:
+            raise ValueError(
+                f"{name} must hold token positions in [0, {length}), got values in [{lo}, {hi}]"
+            )
+    return index
