@@ -3,14 +3,14 @@ from __future__ import annotations
 import pytest
 import torch
 from monai.networks.nets import MaskedAutoEncoderViT, ViT
-from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from mrissl.nn import PatchEmbed3d, capture_intermediates, find_blocks, pyramid_levels
 
 
 def _timm_vit(depth=4):
-    return VisionTransformer(
+    vision_transformer = pytest.importorskip("timm.models.vision_transformer")
+    return vision_transformer.VisionTransformer(
         img_size=16,
         patch_size=8,
         in_chans=2,

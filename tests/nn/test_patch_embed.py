@@ -1,11 +1,16 @@
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 import torch.nn.functional as F
-from timm.models.vision_transformer import VisionTransformer
 
 from mrissl.nn import PatchEmbed3d, gather_tokens
+
+
+def _timm_vit_class():
+    return pytest.importorskip("timm.models.vision_transformer").VisionTransformer
 
 
 def _conv_reference(x, weight, bias, patch):
@@ -132,6 +137,7 @@ def test_autocast_gives_finite_results_close_to_float32(dtype):
 
 
 def test_timm_vision_transformer_runs_forward_features_on_a_volume():
+    VisionTransformer = _timm_vit_class()
     vit = VisionTransformer(
         img_size=32,
         patch_size=16,
@@ -148,8 +154,7 @@ def test_timm_vision_transformer_runs_forward_features_on_a_volume():
 
 
 def test_timm_vision_transformer_with_per_modality_tokens():
-    from functools import partial
-
+    VisionTransformer = _timm_vit_class()
     embed_layer = partial(PatchEmbed3d, layout="per_modality")
     vit = VisionTransformer(
         img_size=(32, 32, 16),
@@ -166,6 +171,7 @@ def test_timm_vision_transformer_with_per_modality_tokens():
 
 
 def test_timm_at_the_paper_size():
+    VisionTransformer = _timm_vit_class()
     vit = VisionTransformer(
         img_size=96,
         patch_size=16,

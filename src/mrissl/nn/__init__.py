@@ -12,7 +12,7 @@ from mrissl.nn.intermediates import (
     pyramid_levels,
 )
 from mrissl.nn.patch_embed import PatchEmbed3d
-from mrissl.nn.patchify import grid_size, patchify, unpatchify
+from mrissl.nn.patches import grid_size, patchify, unpatchify
 from mrissl.nn.pos_embed import sincos_pos_embed_3d
 from mrissl.nn.tokens import gather_tokens, scatter_tokens
 

@@ -1,7 +1,7 @@
 """Capture the outputs of chosen transformer blocks during a forward pass.
 
 E-MIM's pyramid Barlow Twins loss compares token features of the full and the masked view at
-several encoder depths (eq. 7, blocks 3, 6, 9 and 12 of 12). :func:`capture_intermediates`
+several encoder depths (eq. 7, blocks 3, 6, 9 and 12 of 12). [`capture_intermediates`][mrissl.nn.capture_intermediates]
 collects those features from a model the user already has, without changing its code, through
 forward hooks that it removes when the ``with`` block ends, also after an exception.
 
@@ -91,7 +91,7 @@ def find_blocks(model: nn.Module) -> list[nn.Module]:
 class IntermediateFeatures(Sequence[torch.Tensor]):
     """The captured block outputs, one tensor per requested block, in the order asked for.
 
-    Filled while the model runs inside :func:`capture_intermediates`; reading an entry before
+    Filled while the model runs inside [`capture_intermediates`][mrissl.nn.capture_intermediates]; reading an entry before
     the forward pass has reached that block raises ``RuntimeError``.
     """
 
@@ -174,7 +174,7 @@ def capture_intermediates(
 
     Args:
         model: a timm ``VisionTransformer`` (for example with
-            :class:`~mrissl.nn.PatchEmbed3d`), a MONAI ``ViT`` or ``MaskedAutoEncoderViT``, or
+            [`PatchEmbed3d`][mrissl.nn.PatchEmbed3d]), a MONAI ``ViT`` or ``MaskedAutoEncoderViT``, or
             any model with a ``blocks`` (or ``layers``) sequence.
         indices: 1-based block numbers as in E-MIM, for example ``pyramid_levels(12, 4)``;
             negative numbers count from the end. No repeats.
@@ -184,7 +184,7 @@ def capture_intermediates(
             token; ``0`` keeps every token.
 
     Yields:
-        An :class:`IntermediateFeatures` sequence, filled during the forward pass: entry ``i``
+        An [`IntermediateFeatures`][mrissl.nn.IntermediateFeatures] sequence, filled during the forward pass: entry ``i``
         is the ``(B, N, E)`` output of block ``indices[i]`` with the prefix tokens removed.
         Features keep their autograd graph, so losses on them train the encoder.
 

@@ -1,6 +1,6 @@
 """3D patch embedding for vision transformers on multi-modal volumes.
 
-:class:`PatchEmbed3d` takes timm's ``PatchEmbed`` keyword names, so it plugs into
+[`PatchEmbed3d`][mrissl.nn.PatchEmbed3d] takes timm's ``PatchEmbed`` keyword names, so it plugs into
 ``timm.models.vision_transformer.VisionTransformer(embed_layer=PatchEmbed3d, ...)`` and reads
 like the 2D layer a timm user already knows. It offers the two token layouts of DESIGN.md:
 
@@ -9,7 +9,7 @@ like the 2D layer a timm user already knows. It offers the two token layouts of 
 * ``layout="per_modality"``: one token per modality and position, ``(B, C, D, H, W) ->
   (B, C·N, E)`` with modality ``c`` at tokens ``c·N … c·N + N - 1`` and a learnable modality
   embedding added, so that a whole modality or a single patch of one modality can be dropped
-  from the encoder input with :func:`~mrissl.nn.gather_tokens` and a ``(B, C, N)`` mask.
+  from the encoder input with [`gather_tokens`][mrissl.nn.gather_tokens] and a ``(B, C, N)`` mask.
 
 A patch embedding with stride equal to its kernel is a matrix product on the flattened patches;
 the layer computes it that way (three times faster than ``Conv3d`` on CPU for 16³ patches),
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mrissl._checks import Triple, check_floating, check_tensor, to_triple
-from mrissl.nn.patchify import Layout, grid_size, patchify
+from mrissl.nn.patches import Layout, grid_size, patchify
 
 __all__ = ["PatchEmbed3d"]
 
