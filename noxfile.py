@@ -55,6 +55,7 @@ def typecheck(session: nox.Session) -> None:
 @nox.session(venv_backend="none")
 def docs(session: nox.Session) -> None:
     """Build the documentation site with warnings as errors."""
+    session.env["NO_MKDOCS_2_WARNING"] = "1"  # the Material theme's notice about its successor
     session.run(
         _python(session),
         "-m",

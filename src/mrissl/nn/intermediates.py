@@ -1,9 +1,10 @@
 """Capture the outputs of chosen transformer blocks during a forward pass.
 
 E-MIM's pyramid Barlow Twins loss compares token features of the full and the masked view at
-several encoder depths (eq. 7, blocks 3, 6, 9 and 12 of 12). [`capture_intermediates`][mrissl.nn.capture_intermediates]
-collects those features from a model the user already has, without changing its code, through
-forward hooks that it removes when the ``with`` block ends, also after an exception.
+several encoder depths (eq. 7, blocks 3, 6, 9 and 12 of 12).
+[`capture_intermediates`][mrissl.nn.capture_intermediates] collects those features from a
+model the user already has, without changing its code, through forward hooks that it removes
+when the ``with`` block ends, also after an exception.
 
 Blocks are numbered from 1 as in E-MIM: block ``k`` is the output of the ``k``-th transformer
 block, before any final norm. Negative numbers count from the end (``-1`` is the last block).
@@ -71,6 +72,13 @@ def find_blocks(model: nn.Module) -> list[nn.Module]:
 
     Raises:
         TypeError: if the model has no ``blocks`` or ``layers`` sequence of modules.
+
+    Examples:
+        >>> from monai.networks.nets import MaskedAutoEncoderViT
+        >>> mae = MaskedAutoEncoderViT(in_channels=1, img_size=16, patch_size=8, num_layers=3,
+        ...                            hidden_size=24, mlp_dim=48, num_heads=2)
+        >>> len(mae.blocks), len(find_blocks(mae))  # the final LayerNorm is not a block
+        (4, 3)
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -91,8 +99,17 @@ def find_blocks(model: nn.Module) -> list[nn.Module]:
 class IntermediateFeatures(Sequence[torch.Tensor]):
     """The captured block outputs, one tensor per requested block, in the order asked for.
 
-    Filled while the model runs inside [`capture_intermediates`][mrissl.nn.capture_intermediates]; reading an entry before
-    the forward pass has reached that block raises ``RuntimeError``.
+    Filled while the model runs inside
+    [`capture_intermediates`][mrissl.nn.capture_intermediates]; reading an entry before the
+    forward pass has reached that block raises ``RuntimeError``. Indexing follows the order of
+    ``indices`` (entry 0 is the first block asked for), and slicing gives a list.
+
+    Examples:
+        >>> blocks = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+        >>> with capture_intermediates(blocks, [2, 1], blocks=list(blocks)) as feats:
+        ...     _ = blocks(torch.randn(3, 5, 4))
+        >>> feats.indices, len(feats), tuple(feats[0].shape)
+        ([2, 1], 2, (3, 5, 4))
     """
 
     def __init__(self, indices: Sequence[int], num_prefix_tokens: int) -> None:
@@ -174,8 +191,8 @@ def capture_intermediates(
 
     Args:
         model: a timm ``VisionTransformer`` (for example with
-            [`PatchEmbed3d`][mrissl.nn.PatchEmbed3d]), a MONAI ``ViT`` or ``MaskedAutoEncoderViT``, or
-            any model with a ``blocks`` (or ``layers``) sequence.
+            [`PatchEmbed3d`][mrissl.nn.PatchEmbed3d]), a MONAI ``ViT`` or
+            ``MaskedAutoEncoderViT``, or any model with a ``blocks`` (or ``layers``) sequence.
         indices: 1-based block numbers as in E-MIM, for example ``pyramid_levels(12, 4)``;
             negative numbers count from the end. No repeats.
         blocks: the block sequence to hook, when it is not ``model.blocks``.
@@ -184,9 +201,10 @@ def capture_intermediates(
             token; ``0`` keeps every token.
 
     Yields:
-        An [`IntermediateFeatures`][mrissl.nn.IntermediateFeatures] sequence, filled during the forward pass: entry ``i``
-        is the ``(B, N, E)`` output of block ``indices[i]`` with the prefix tokens removed.
-        Features keep their autograd graph, so losses on them train the encoder.
+        An [`IntermediateFeatures`][mrissl.nn.IntermediateFeatures] sequence, filled during
+        the forward pass: entry ``i`` is the ``(B, N, E)`` output of block ``indices[i]``
+        with the prefix tokens removed. Features keep their autograd graph, so losses on
+        them train the encoder.
 
     Raises:
         TypeError: if no block sequence is found.

@@ -222,6 +222,11 @@ class PatchEmbed3d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Embed ``x: (B, C, D, H, W)``; see the class docstring for the output shapes."""
         self._check_input(x)
+        device_type = x.device.type
+        if torch.is_autocast_enabled(device_type):
+            # the matrix product runs in the autocast dtype anyway; casting before the patch
+            # copy halves that copy instead of holding it in float32 and in half precision
+            x = x.to(torch.get_autocast_dtype(device_type))
         if self.dynamic_img_pad:
             pads = [(-s) % p for s, p in zip(x.shape[2:], self.patch_size, strict=True)]
             x = F.pad(x, (0, pads[2], 0, pads[1], 0, pads[0]))
@@ -244,7 +249,8 @@ class PatchEmbed3d(nn.Module):
         tokens = cast(torch.Tensor, self.norm(tokens))
         if self.flatten:
             return tokens.flatten(-3, -2) if self.layout == "per_modality" else tokens
-        grid = tokens.reshape(*tokens.shape[:-2], gd, gh, gw, tokens.shape[-1])  # (..., gd, gh, gw, E)
+        # (..., N, E) -> (..., gd, gh, gw, E)
+        grid = tokens.reshape(*tokens.shape[:-2], gd, gh, gw, tokens.shape[-1])
         if self.output_fmt == "NDHWC":
             return grid
         return grid.movedim(-1, -4)

@@ -10,7 +10,8 @@ Two token layouts are used across mrissl (DESIGN.md, tensor conventions):
   ``patchify(x, p, layout="stacked") @ conv.weight.flatten(1).T`` is that convolution.
 
 Tokens are numbered in raster order over the grid ``(D/p0, H/p1, W/p2)``: depth slowest,
-width fastest. [`patchify`][mrissl.nn.patchify] and [`unpatchify`][mrissl.nn.unpatchify] are exact inverses.
+width fastest. [`patchify`][mrissl.nn.patchify] and [`unpatchify`][mrissl.nn.unpatchify] are
+exact inverses.
 """
 
 from __future__ import annotations
@@ -104,8 +105,9 @@ def unpatchify(
     patch_size: int | Sequence[int],
     img_size: int | Sequence[int],
 ) -> torch.Tensor:
-    """Reassemble volumes from flattened patches: the exact inverse of [`patchify`][mrissl.nn.patchify].
+    """Reassemble volumes from flattened patches.
 
+    The exact inverse of [`patchify`][mrissl.nn.patchify].
     The layout is read from the number of dimensions: 4-D input is ``"per_modality"``,
     3-D input is ``"stacked"`` (the number of modalities is then the token length divided
     by ``p0·p1·p2``).

@@ -62,7 +62,8 @@ def scatter_tokens(
 ) -> torch.Tensor:
     """Put tokens back at their positions in a longer sequence and fill the other positions.
 
-    This undoes [`gather_tokens`][mrissl.nn.gather_tokens]: ``gather_tokens(scatter_tokens(y, i, L), i)`` is ``y``.
+    This undoes [`gather_tokens`][mrissl.nn.gather_tokens]:
+    ``gather_tokens(scatter_tokens(y, i, L), i)`` is ``y``.
     With a learnable mask token as ``fill`` it is the first step of an MAE decoder.
 
     Args:
