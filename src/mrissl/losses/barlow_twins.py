@@ -1,0 +1,304 @@
+"""Barlow Twins: push a cross-correlation matrix of two views towards the identity.
+
+Two ways to build the matrix are in use, and both are here:
+
+* ``mode="feature"`` (Zbontar et al. 2021): each of the ``D`` features is standardised along the
+  batch, and ``C`` is the ``D × D`` correlation between the features of the two views,
+
+      C_ij = (1/M) Σ_m a_mi b_mj ,   a = (z_a − mean) / std  over the M samples,
+
+  with the off-diagonal weight λ = 5e-3. The standard deviation is the biased one (divided by
+  ``M``), the same ``M`` that divides ``C``: then ``C_ii = 1`` exactly for identical views, at any
+  batch size. (Dividing by ``M`` but normalising with the unbiased ``M − 1`` estimate, as MONAI's
+  ``BarlowTwinsLoss`` does, gives ``C_ii = (M − 1)/M``, never 1.) Token sequences ``(B, N, D)``
+  are standardised along the batch and the tokens together, ``M = B·N``.
+* ``mode="token"`` (E-MIM eqs. 4 and 8): ``(B, N, E)`` token features, a cosine over the feature
+  dimension and an ``N × N`` matrix whose indices are **patch positions**,
+
+      C_ij = Σ_f z_{i,f} z_m{j,f} / ( ||z_i|| · ||z_m_j|| ) ,
+
+  with off-diagonal weight 1. The paper leaves open how the batch enters; ``batch_mode`` picks:
+  ``"per_sample"`` builds one matrix per sample and averages the ``B`` losses; ``"joint"`` sums
+  over the batch inside ``C`` (the feature vector of position ``i`` is then the concatenation of
+  ``z_{b,i}`` over the batch, and one matrix is built).
+
+In both modes the loss is ``L = Σ_i (1 − C_ii)² + λ Σ_i Σ_{j≠i} C_ij²`` (E-MIM eq. 8), optionally
+divided by the matrix size (``scale_by_size``) so that values are comparable across ``D`` or
+``N``. ``Σ_ij C_ij²`` is computed from ``M × M`` Gram matrices when that is cheaper than forming
+``C`` (feature mode with ``2M < D``).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import nn
+
+from mrissl.distributed import all_gather, all_reduce, broadcast_, gather_sizes, is_distributed
+from mrissl.losses._common import (
+    check_choice,
+    check_features,
+    check_positive,
+    check_same_shape,
+    compute_dtype,
+    frobenius_sq_of_product,
+    no_autocast,
+    raise_if_not_finite,
+)
+
+__all__ = ["BarlowTwinsLoss", "barlow_twins"]
+
+Mode = Literal["feature", "token"]
+BatchMode = Literal["per_sample", "joint"]
+
+_DEFAULT_LAMBDA = {"feature": 5e-3, "token": 1.0}
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def _standardize(z: torch.Tensor, eps: float, n_total: int, distributed: bool) -> torch.Tensor:
+    """Centre and scale each feature of ``z: (M, D)`` to mean 0 and (biased) std 1.
+
+    The data are first shifted by one reference sample (the same on every process). The shift
+    cancels mathematically and is detached, so values and gradients are those of ``z − mean``;
+    but a constant feature becomes exactly zero in any precision, so its row of ``C`` is 0 and
+    not rounding noise divided by a tiny standard deviation.
+    """
+    reduce = all_reduce if distributed else _identity
+    shift = z[:1].detach().clone()
+    if distributed:
+        broadcast_(shift)
+    y = z - shift
+    mean = reduce(y.sum(dim=0)) / n_total
+    y = y - mean
+    var = reduce(y.square().sum(dim=0)) / n_total
+    return y / var.clamp_min(eps * eps).sqrt()
+
+
+def _feature_mode(
+    z_a: torch.Tensor, z_b: torch.Tensor, lam: float, eps: float, gather: bool
+) -> tuple[torch.Tensor, int]:
+    D = z_a.shape[-1]
+    a, b = z_a.reshape(-1, D), z_b.reshape(-1, D)
+    distributed = gather and is_distributed()
+    sizes = gather_sizes(a.shape[0], device=a.device) if distributed else [a.shape[0]]
+    M = sum(sizes)
+    if M < 2:
+        raise ValueError(
+            f"z_a and z_b need at least 2 samples in feature mode (each feature is standardised "
+            f"along the batch), got shape {tuple(z_a.shape)}"
+            + (f" on {len(sizes)} processes, {M} in all" if distributed else "")
+        )
+    reduce = all_reduce if distributed else _identity
+    a = _standardize(a, eps, M, distributed)
+    b = _standardize(b, eps, M, distributed)
+
+    C_ii = reduce((a * b).sum(dim=0)) / M
+    if 2 * M < D:  # Σ_ij C_ij² from M × M Gram matrices (see frobenius_sq_of_product)
+        if distributed:
+            gram_a = a @ all_gather(a, sizes=sizes).T
+            gram_b = b @ all_gather(b, sizes=sizes).T
+            sum_sq = reduce((gram_a * gram_b).sum())
+        else:
+            sum_sq = frobenius_sq_of_product(a.T, b.T)
+    else:
+        C = reduce(a.T @ b)
+        sum_sq = torch.linalg.vector_norm(C).square()
+    sum_sq = sum_sq / (M * M)
+    invariance = (1 - C_ii).square().sum()
+    redundancy = sum_sq - C_ii.square().sum()
+    return invariance + lam * redundancy, D
+
+
+def _token_mode(
+    z: torch.Tensor, z_m: torch.Tensor, lam: float, eps: float, batch_mode: str, gather: bool
+) -> tuple[torch.Tensor, int]:
+    B, N, E = z.shape
+    distributed = gather and is_distributed()
+    reduce = all_reduce if distributed else _identity
+    if batch_mode == "per_sample":
+        # E-MIM eq. 4: C_ij = z_i · z_m_j / (||z_i|| ||z_m_j||), one N × N matrix per sample
+        inv_a = 1 / torch.linalg.vector_norm(z, dim=-1).clamp_min(eps)  # (B, N)
+        inv_b = 1 / torch.linalg.vector_norm(z_m, dim=-1).clamp_min(eps)
+        if 2 * E < N:  # Σ_ij C_ij² from E × E Gram matrices, C never formed
+            u, v = z * inv_a[..., None], z_m * inv_b[..., None]
+            C_ii = torch.linalg.vecdot(u, v)  # (B, N)
+            sum_sq = frobenius_sq_of_product(u, v)  # (B,)
+        else:  # scale the N × N product rather than the (B, N, E) features: fewer passes
+            C = (z @ z_m.mT) * inv_a[:, :, None] * inv_b[:, None, :]
+            C_ii = C.diagonal(dim1=-2, dim2=-1)
+            sum_sq = torch.linalg.vector_norm(C, dim=(-2, -1)).square()
+        per_sample = (1 - C_ii).square().sum(-1) + lam * (sum_sq - C_ii.square().sum(-1))
+        if not distributed:
+            return per_sample.mean(), N
+        n_total = sum(gather_sizes(B, device=z.device))
+        return reduce(per_sample.sum()) / n_total, N
+    # "joint": the feature vector of position i is z[:, i, :] over the whole batch
+    u = z / reduce(z.square().sum(dim=(0, 2))).clamp_min(eps * eps).sqrt()[:, None]
+    v = z_m / reduce(z_m.square().sum(dim=(0, 2))).clamp_min(eps * eps).sqrt()[:, None]
+    C_ii = reduce((u * v).sum(dim=(0, 2)))
+    if distributed:
+        C = reduce(torch.einsum("bie,bje->ij", u, v))
+        sum_sq = torch.linalg.vector_norm(C).square()
+    else:
+        sum_sq = frobenius_sq_of_product(
+            u.transpose(0, 1).reshape(N, B * E), v.transpose(0, 1).reshape(N, B * E)
+        )
+    return (1 - C_ii).square().sum() + lam * (sum_sq - C_ii.square().sum()), N
+
+
+def barlow_twins(
+    z_a: torch.Tensor,
+    z_b: torch.Tensor,
+    *,
+    mode: Mode = "feature",
+    lambda_offdiag: float | None = None,
+    batch_mode: BatchMode = "per_sample",
+    scale_by_size: bool = False,
+    eps: float = 1e-6,
+    gather_distributed: bool = False,
+) -> torch.Tensor:
+    """Barlow Twins loss between two views, in feature or token mode (module docstring).
+
+    ``L = Σ_i (1 − C_ii)² + λ Σ_i Σ_{j≠i} C_ij²`` with ``C`` the ``D × D`` feature correlation
+    (``mode="feature"``, Zbontar et al. 2021) or the ``N × N`` cosine matrix over patch positions
+    (``mode="token"``, E-MIM eqs. 4 and 8). Computed in float32 (float64 for float64 inputs)
+    with autocast off, so bf16/fp16 features give the float32 value of their rounded inputs.
+
+    Args:
+        z_a: first view. Feature mode: ``(B, D)`` embeddings or ``(B, N, D)`` token features.
+            Token mode: ``(B, N, E)`` token features (E-MIM: ``z^l`` of the full image).
+        z_b: second view, the same shape (E-MIM: ``z_m^l`` of the masked image).
+        mode: ``"feature"`` or ``"token"``.
+        lambda_offdiag: weight λ of the off-diagonal term; ``None`` gives 5e-3 in feature mode
+            (Barlow Twins) and 1.0 in token mode (E-MIM eq. 8).
+        batch_mode: token mode only. ``"per_sample"``: one ``N × N`` matrix per sample, the
+            ``B`` losses averaged. ``"joint"``: one matrix, with the sums in eq. 4 running over
+            the batch and the features.
+        scale_by_size: divide the loss by the matrix size (``D`` or ``N``), so that it is a
+            mean over rows and comparable across sizes.
+        eps: the smallest standard deviation (feature mode) or norm (token mode) divided by;
+            a constant feature or an all-zero token contributes a zero row to ``C``.
+        gather_distributed: use the batch of all processes: feature mode standardises and
+            correlates over the global batch, token mode averages over the global batch. The
+            value and the (DDP-averaged) gradients are those of one process holding the whole
+            batch (see [`mrissl.distributed`][mrissl.distributed]).
+
+    Returns:
+        The scalar loss, float32 (float64 for float64 inputs).
+
+    Raises:
+        TypeError: if an input is not a floating tensor.
+        ValueError: naming the argument, for shapes that differ or do not fit the mode, a
+            single sample in feature mode, a bad ``mode``/``batch_mode``, a negative
+            ``lambda_offdiag`` or non-positive ``eps``, and NaN or Inf in the features.
+
+    Examples:
+        Identical views give exactly zero invariance loss, even for a batch of two:
+
+        >>> g = torch.Generator().manual_seed(0)
+        >>> z = torch.randn(2, 16, generator=g)
+        >>> float(barlow_twins(z, z, lambda_offdiag=0.0)) < 1e-10
+        True
+
+        Token mode compares patch positions of the full and the masked view (E-MIM):
+
+        >>> z, z_m = torch.randn(2, 2, 8, 32, generator=g)  # (B, N, E) each
+        >>> loss = barlow_twins(z, z_m, mode="token")
+        >>> loss.shape, bool(loss > 0)
+        (torch.Size([]), True)
+    """
+    check_choice(mode, "mode", ("feature", "token"))
+    check_choice(batch_mode, "batch_mode", ("per_sample", "joint"))
+    lam = _DEFAULT_LAMBDA[mode] if lambda_offdiag is None else lambda_offdiag
+    lam = check_positive(lam, "lambda_offdiag", allow_zero=True)
+    eps = check_positive(eps, "eps")
+    check_features(z_a, "z_a", ndim=(2, 3) if mode == "feature" else 3)
+    check_features(z_b, "z_b", ndim=(2, 3) if mode == "feature" else 3)
+    check_same_shape(z_a, z_b, "z_a", "z_b")
+    if z_a.device != z_b.device:
+        raise ValueError(f"z_a and z_b must be on one device, got {z_a.device} and {z_b.device}")
+
+    dtype = compute_dtype(z_a, z_b)
+    with no_autocast(z_a):
+        a, b = z_a.to(dtype), z_b.to(dtype)
+        if mode == "feature":
+            loss, size = _feature_mode(a, b, lam, eps, gather_distributed)
+        else:
+            loss, size = _token_mode(a, b, lam, eps, batch_mode, gather_distributed)
+        if scale_by_size:
+            loss = loss / size
+    return raise_if_not_finite(loss, z_a=z_a, z_b=z_b)
+
+
+class BarlowTwinsLoss(nn.Module):
+    """Barlow Twins loss as a module.
+
+    Holds the configuration and calls [`barlow_twins`][mrissl.losses.barlow_twins].
+
+    Args:
+        mode: ``"feature"`` (Barlow Twins, ``D × D`` feature correlation) or ``"token"``
+            (E-MIM eq. 4, ``N × N`` cosine matrix over patch positions).
+        lambda_offdiag: off-diagonal weight; ``None`` gives 5e-3 (feature) or 1.0 (token).
+        batch_mode: token mode: ``"per_sample"`` matrices averaged, or one ``"joint"`` matrix.
+        scale_by_size: divide by the matrix size ``D`` or ``N``.
+        eps: smallest standard deviation or norm divided by.
+        gather_distributed: use the global batch across processes, with gradients.
+
+    Examples:
+        >>> loss_fn = BarlowTwinsLoss()  # feature mode, λ = 5e-3
+        >>> g = torch.Generator().manual_seed(0)
+        >>> z_a = torch.randn(32, 64, generator=g, requires_grad=True)  # (B, D)
+        >>> z_b = z_a.detach() + 0.1 * torch.randn(32, 64, generator=g)
+        >>> loss = loss_fn(z_a, z_b)
+        >>> loss.backward()
+        >>> z_a.grad.shape
+        torch.Size([32, 64])
+    """
+
+    def __init__(
+        self,
+        mode: Mode = "feature",
+        lambda_offdiag: float | None = None,
+        *,
+        batch_mode: BatchMode = "per_sample",
+        scale_by_size: bool = False,
+        eps: float = 1e-6,
+        gather_distributed: bool = False,
+    ) -> None:
+        super().__init__()
+        check_choice(mode, "mode", ("feature", "token"))
+        check_choice(batch_mode, "batch_mode", ("per_sample", "joint"))
+        if lambda_offdiag is not None:
+            check_positive(lambda_offdiag, "lambda_offdiag", allow_zero=True)
+        check_positive(eps, "eps")
+        self.mode: Mode = mode
+        self.lambda_offdiag = lambda_offdiag
+        self.batch_mode: BatchMode = batch_mode
+        self.scale_by_size = scale_by_size
+        self.eps = eps
+        self.gather_distributed = gather_distributed
+
+    def forward(self, z_a: torch.Tensor, z_b: torch.Tensor) -> torch.Tensor:
+        """Return the loss of ``z_a`` and ``z_b``: ``(B, D)``, ``(B, N, D)`` or ``(B, N, E)``."""
+        return barlow_twins(
+            z_a,
+            z_b,
+            mode=self.mode,
+            lambda_offdiag=self.lambda_offdiag,
+            batch_mode=self.batch_mode,
+            scale_by_size=self.scale_by_size,
+            eps=self.eps,
+            gather_distributed=self.gather_distributed,
+        )
+
+    def extra_repr(self) -> str:
+        """The configuration, shown in ``repr(module)``."""
+        return (
+            f"mode={self.mode!r}, lambda_offdiag={self.lambda_offdiag}, "
+            f"batch_mode={self.batch_mode!r}, scale_by_size={self.scale_by_size}, "
+            f"gather_distributed={self.gather_distributed}"
+        )

@@ -1,0 +1,229 @@
+"""Symmetric InfoNCE (CLIP-style), BrainMVP's modality-aware contrastive loss.
+
+For L2-normalised embeddings ``f_i`` and ``g_i`` of two views of sample ``i`` (BrainMVP eqs. 4
+and 5), the other samples of the batch being the negatives:
+
+    L_{f→g} = −(1/B) Σ_i log( exp(f_i·g_i/τ) / Σ_j exp(f_i·g_j/τ) )
+    L_CL    = ½ (L_{f→g} + L_{g→f})
+
+Both directions are cross-entropies over the rows of one ``B × B`` logit matrix and its
+transpose, computed with log-sum-exp in float32; nothing of size ``B × B × E`` is formed.
+Extra negatives (a queue of past embeddings, MoCo-style) are appended to the candidates of
+both directions. With ``gather_distributed=True`` the candidates are the embeddings of every
+process and each process's labels are offset by the samples of the lower ranks.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mrissl.distributed import all_gather, all_reduce, gather_sizes, is_distributed, rank
+from mrissl.losses._common import (
+    check_features,
+    check_positive,
+    check_same_shape,
+    compute_dtype,
+    no_autocast,
+    raise_if_not_finite,
+    safe_norm,
+)
+
+__all__ = ["InfoNCELoss", "info_nce"]
+
+
+def _check_temperature(temperature: float | torch.Tensor) -> None:
+    if isinstance(temperature, torch.Tensor):
+        if temperature.numel() != 1:
+            raise ValueError(
+                f"temperature must be a number or a one-element tensor, got shape "
+                f"{tuple(temperature.shape)}"
+            )
+        if temperature.device.type == "cpu" and not bool(temperature.detach() > 0):
+            raise ValueError(f"temperature must be > 0, got {temperature.item()}")
+    else:
+        check_positive(temperature, "temperature")
+
+
+def info_nce(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    *,
+    temperature: float | torch.Tensor = 0.1,
+    symmetric: bool = True,
+    negatives: torch.Tensor | None = None,
+    normalize: bool = True,
+    gather_distributed: bool = False,
+) -> torch.Tensor:
+    """InfoNCE between paired embeddings, symmetric by default (BrainMVP eqs. 4 and 5; CLIP).
+
+    Row ``i`` of ``a`` and row ``i`` of ``b`` are a positive pair; every other row of the other
+    view (and every row of ``negatives``) is a negative. The loss is the mean over samples of
+    the cross-entropy of the logits ``a_i·b_j / τ``, averaged over both directions when
+    ``symmetric``. Memory is ``O(B²)`` (plus ``O(B·K)`` for ``K`` extra negatives).
+
+    Args:
+        a: ``(B, E)`` embeddings of the first view (BrainMVP: ``f``, cross-modal filled).
+        b: ``(B, E)`` embeddings of the second view (BrainMVP: ``g``, template filled).
+        temperature: τ > 0, a number or a one-element tensor (a learnable temperature).
+        symmetric: average ``a → b`` and ``b → a`` (CLIP, BrainMVP eq. 5); ``False`` gives
+            ``a → b`` only.
+        negatives: optional ``(K, E)`` extra negatives, candidates in both directions, for
+            example a queue of embeddings from earlier batches (pass them detached).
+        normalize: L2-normalise ``a``, ``b`` and ``negatives`` first (cosine similarity). With
+            ``False`` the dot products of the given embeddings are used.
+        gather_distributed: use every process's samples as candidates. The value and the
+            (DDP-averaged) gradients are those of one process holding the whole batch.
+
+    Returns:
+        The scalar loss, float32 (float64 for float64 inputs).
+
+    Raises:
+        TypeError: if an input is not a floating tensor.
+        ValueError: naming the argument, for shapes that differ or are not ``(B, E)``,
+            ``negatives`` of another width, ``temperature <= 0``, NaN or Inf.
+
+    Examples:
+        >>> g = torch.Generator().manual_seed(0)
+        >>> a = torch.randn(8, 32, generator=g)
+        >>> aligned = info_nce(a, a + 0.01 * torch.randn(8, 32, generator=g))
+        >>> unrelated = info_nce(a, torch.randn(8, 32, generator=g))
+        >>> bool(aligned < unrelated), bool(unrelated > 1.0)
+        (True, True)
+    """
+    check_features(a, "a", ndim=2)
+    check_features(b, "b", ndim=2)
+    check_same_shape(a, b, "a", "b")
+    _check_temperature(temperature)
+    if negatives is not None:
+        check_features(negatives, "negatives", ndim=2)
+        if negatives.shape[1] != a.shape[1]:
+            raise ValueError(
+                f"negatives must have the embedding width of a and b ({a.shape[1]}), got shape "
+                f"{tuple(negatives.shape)}"
+            )
+
+    dtype = compute_dtype(a, b, *(() if negatives is None else (negatives,)))
+    with no_autocast(a):
+        x, y = a.to(dtype), b.to(dtype)
+        extra = None if negatives is None else negatives.to(dtype)
+        if normalize:
+            x, y = x / safe_norm(x, -1, 1e-12), y / safe_norm(y, -1, 1e-12)
+            extra = None if extra is None else extra / safe_norm(extra, -1, 1e-12)
+        tau = (
+            temperature.to(device=x.device, dtype=dtype).reshape(())
+            if isinstance(temperature, torch.Tensor)
+            else temperature
+        )
+        inv_tau = 1.0 / tau
+
+        distributed = gather_distributed and is_distributed()
+        n_local = x.shape[0]
+        if distributed:
+            sizes = gather_sizes(n_local, device=x.device)
+            x_all, y_all = all_gather(x, sizes=sizes), all_gather(y, sizes=sizes)
+            offset, n_total = sum(sizes[: rank()]), sum(sizes)
+        else:
+            x_all, y_all, offset, n_total = x, y, 0, n_local
+        labels = torch.arange(offset, offset + n_local, device=x.device)
+
+        def _candidates(keys: torch.Tensor) -> torch.Tensor:
+            return keys if extra is None else torch.cat([keys, extra])
+
+        # BrainMVP eq. 4: −log softmax of the positive among all candidates, summed over rows
+        logits_ab = (x @ _candidates(y_all).T) * inv_tau
+        loss = F.cross_entropy(logits_ab, labels, reduction="sum")
+        if symmetric:  # BrainMVP eq. 5
+            if extra is None and not distributed:
+                logits_ba = logits_ab.T
+            else:
+                logits_ba = (y @ _candidates(x_all).T) * inv_tau
+            loss = 0.5 * (loss + F.cross_entropy(logits_ba, labels, reduction="sum"))
+        loss = (all_reduce(loss) if distributed else loss) / n_total
+    return raise_if_not_finite(loss, a=a, b=b, negatives=negatives)
+
+
+class InfoNCELoss(nn.Module):
+    """Symmetric InfoNCE as a module, with an optional learnable temperature.
+
+    Holds the configuration (and the temperature parameter) and calls
+    [`info_nce`][mrissl.losses.info_nce].
+
+    Args:
+        temperature: τ > 0; the initial value when learnable.
+        learnable_temperature: learn ``log τ`` as a parameter (CLIP). τ is then clamped to at
+            least ``min_temperature`` (CLIP clamps the logit scale ``1/τ`` at 100).
+        gather_distributed: use every process's samples as negatives, with gradients.
+        symmetric: average both directions (default) or use ``a → b`` only.
+        normalize: L2-normalise the embeddings first.
+        min_temperature: lower bound of a learnable τ.
+
+    Attributes:
+        log_temperature: the ``nn.Parameter`` ``log τ`` when learnable, else ``None``.
+
+    Examples:
+        >>> loss_fn = InfoNCELoss(temperature=0.07, learnable_temperature=True)
+        >>> g = torch.Generator().manual_seed(0)
+        >>> f, g_ = torch.randn(2, 16, 128, generator=g)  # (B, E) each
+        >>> loss = loss_fn(f, g_)
+        >>> loss.backward()
+        >>> round(loss_fn.temperature.item(), 4), loss_fn.log_temperature.grad is not None
+        (0.07, True)
+    """
+
+    def __init__(
+        self,
+        temperature: float = 0.1,
+        learnable_temperature: bool = False,
+        gather_distributed: bool = False,
+        *,
+        symmetric: bool = True,
+        normalize: bool = True,
+        min_temperature: float = 0.01,
+    ) -> None:
+        super().__init__()
+        check_positive(temperature, "temperature")
+        check_positive(min_temperature, "min_temperature")
+        self.log_temperature: nn.Parameter | None = None
+        self._temperature = float(temperature)
+        if learnable_temperature:
+            self.log_temperature = nn.Parameter(torch.tensor(math.log(temperature)))
+        self.gather_distributed = gather_distributed
+        self.symmetric = symmetric
+        self.normalize = normalize
+        self.min_temperature = float(min_temperature)
+
+    @property
+    def temperature(self) -> torch.Tensor:
+        """The current τ as a 0-d tensor (differentiable when learnable)."""
+        if self.log_temperature is None:
+            return torch.tensor(self._temperature)
+        return self.log_temperature.exp().clamp_min(self.min_temperature)
+
+    def forward(
+        self, a: torch.Tensor, b: torch.Tensor, negatives: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Return the loss of ``a: (B, E)`` and ``b: (B, E)``, optional ``(K, E)`` negatives."""
+        tau: float | torch.Tensor = (
+            self._temperature if self.log_temperature is None else self.temperature
+        )
+        return info_nce(
+            a,
+            b,
+            temperature=tau,
+            symmetric=self.symmetric,
+            negatives=negatives,
+            normalize=self.normalize,
+            gather_distributed=self.gather_distributed,
+        )
+
+    def extra_repr(self) -> str:
+        """The configuration, shown in ``repr(module)``."""
+        learn = self.log_temperature is not None
+        return (
+            f"temperature={self.temperature.item():.4g}, learnable_temperature={learn}, "
+            f"gather_distributed={self.gather_distributed}, symmetric={self.symmetric}"
+        )

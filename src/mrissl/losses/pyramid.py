@@ -1,0 +1,274 @@
+"""E-MIM's pyramid Barlow Twins (PBT) loss, for any encoder whose blocks can be captured.
+
+The full image ``x`` and the masked image ``x_m`` pass through the same encoder; at ``L``
+levels (blocks ``12/L · l``, [`pyramid_levels`][mrissl.nn.pyramid_levels]) the token features
+``z^l`` and ``z_m^l`` are compared by a Barlow Twins loss over patch positions (token mode of
+[`barlow_twins`][mrissl.losses.barlow_twins]), and the levels are summed:
+
+    L^l     = Σ_i (1 − C^l_ii)² + Σ_i Σ_{j≠i} (C^l_ij)²          (E-MIM eq. 8)
+    L_PBT   = Σ_l w_l L^l                                          (E-MIM eq. 7, w_l = 1)
+
+Two kinds of encoders are covered. A full-token encoder (SimMIM, E-MIM) sees every position in
+both views, so ``z^l`` and ``z_m^l`` are both ``(B, N, E)``. A token-dropping encoder (MAE)
+sees only the kept positions of the masked view, ``z_m^l: (B, K, E)``; given the ``keep``
+indices of that view, the full view is gathered at the same positions first, so that ``C_ii``
+still compares one patch position in both views.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal, overload
+
+import torch
+from torch import nn
+
+from mrissl._checks import check_index
+from mrissl.losses._common import check_choice, check_positive
+from mrissl.losses.barlow_twins import BatchMode, Mode, barlow_twins
+from mrissl.nn import gather_tokens
+
+__all__ = ["PyramidBarlowTwinsLoss", "pyramid_barlow_twins"]
+
+
+def _check_weights(weights: Sequence[float] | torch.Tensor | None, levels: int) -> list[float]:
+    if weights is None:
+        return [1.0] * levels
+    if isinstance(weights, torch.Tensor):
+        weights = [float(w) for w in weights.flatten().tolist()]
+    if not isinstance(weights, Sequence):
+        raise TypeError(f"weights must be a sequence of numbers, got {type(weights).__name__}")
+    if len(weights) != levels:
+        raise ValueError(f"weights must have one entry per level ({levels}), got {len(weights)}")
+    return [check_positive(w, f"weights[{i}]", allow_zero=True) for i, w in enumerate(weights)]
+
+
+def pyramid_barlow_twins(
+    full: Sequence[torch.Tensor],
+    masked: Sequence[torch.Tensor],
+    *,
+    keep: torch.Tensor | None = None,
+    weights: Sequence[float] | torch.Tensor | None = None,
+    mode: Mode = "token",
+    lambda_offdiag: float | None = None,
+    batch_mode: BatchMode = "per_sample",
+    scale_by_size: bool = False,
+    eps: float = 1e-6,
+    gather_distributed: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pyramid Barlow Twins loss (E-MIM eqs. 4–8): the weighted sum of per-level losses.
+
+    Args:
+        full: ``L`` tensors ``(B, N, E_l)``, the features of the full image at each level (an
+            [`IntermediateFeatures`][mrissl.nn.IntermediateFeatures] works as is).
+        masked: ``L`` tensors, the masked image's features at the same levels: ``(B, N, E_l)``
+            from a full-token encoder, or ``(B, K, E_l)`` from a token-dropping encoder.
+        keep: ``(B, K)`` int64 positions of the tokens the masked view kept, for a
+            token-dropping encoder; ``full`` is gathered at them. ``None``: every position.
+        weights: ``L`` non-negative level weights ``w_l``; ``None`` gives 1 (eq. 7).
+        mode: ``"token"`` (E-MIM, ``N × N`` over positions) or ``"feature"``.
+        lambda_offdiag: off-diagonal weight; ``None``: 1.0 in token mode (eq. 8).
+        batch_mode: how the batch enters eq. 4 (see [`barlow_twins`][mrissl.losses.barlow_twins]).
+        scale_by_size: divide each level's loss by its matrix size.
+        eps: smallest norm or standard deviation divided by.
+        gather_distributed: use the global batch across processes, with gradients.
+
+    Returns:
+        ``(total, per_level)``: the scalar ``Σ_l w_l L^l`` and the ``(L,)`` unweighted level
+        losses (for logging; both keep their graph).
+
+    Raises:
+        ValueError: naming the argument and the level, for different numbers of levels,
+            shapes that differ between the views, a bad ``keep`` or ``weights``, NaN or Inf.
+
+    Examples:
+        >>> g = torch.Generator().manual_seed(0)
+        >>> full = [torch.randn(2, 27, 16, generator=g) for _ in range(4)]  # 4 × (B, N, E)
+        >>> masked = [z + 0.1 * torch.randn(z.shape, generator=g) for z in full]
+        >>> total, per_level = pyramid_barlow_twins(full, masked)
+        >>> per_level.shape, bool(torch.isclose(total, per_level.sum()))
+        (torch.Size([4]), True)
+    """
+    full, masked = list(full), list(masked)
+    if len(full) == 0 or len(full) != len(masked):
+        raise ValueError(
+            f"full and masked must hold the same, non-zero number of levels, got {len(full)} "
+            f"and {len(masked)}"
+        )
+    w = _check_weights(weights, len(full))
+    losses = []
+    for level, (z, z_m) in enumerate(zip(full, masked, strict=True)):
+        for name, t in (("full", z), ("masked", z_m)):
+            if not isinstance(t, torch.Tensor) or t.ndim != 3:
+                shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(f"{name}[{level}] must be a (B, N, E) tensor, got {shape}")
+        if keep is not None:
+            if z_m.shape[1] != keep.shape[-1]:
+                raise ValueError(
+                    f"masked[{level}] must hold one token per kept position: keep has shape "
+                    f"{tuple(keep.shape)}, masked[{level}] has shape {tuple(z_m.shape)}"
+                )
+            check_index(keep, "keep", z.shape[0], z.shape[1])
+            z = gather_tokens(z, keep)
+        if z.shape != z_m.shape:
+            hint = "" if keep is not None else " (pass keep= for a token-dropping encoder)"
+            raise ValueError(
+                f"full[{level}] and masked[{level}] must have the same shape, got "
+                f"{tuple(z.shape)} and {tuple(z_m.shape)}{hint}"
+            )
+        try:
+            loss = barlow_twins(
+                z,
+                z_m,
+                mode=mode,
+                lambda_offdiag=lambda_offdiag,
+                batch_mode=batch_mode,
+                scale_by_size=scale_by_size,
+                eps=eps,
+                gather_distributed=gather_distributed,
+            )
+        except ValueError as err:
+            msg = str(err).replace("z_a", f"full[{level}]").replace("z_b", f"masked[{level}]")
+            raise ValueError(msg) from err
+        losses.append(loss)
+    per_level = torch.stack(losses)
+    total = sum((wl * loss for wl, loss in zip(w, losses, strict=True)), per_level.new_zeros(()))
+    return total, per_level
+
+
+class PyramidBarlowTwinsLoss(nn.Module):
+    """E-MIM's pyramid Barlow Twins loss as a module.
+
+    Holds the configuration and calls
+    [`pyramid_barlow_twins`][mrissl.losses.pyramid_barlow_twins]. To add it to an existing
+    masked autoencoder, capture the block outputs of both views with
+    [`capture_intermediates`][mrissl.nn.capture_intermediates] and write
+    ``loss = loss + pbt(full_feats, masked_feats)``.
+
+    Args:
+        levels: the number of levels ``L``, or the block numbers of the levels (for example
+            ``pyramid_levels(12, 4)``), which then name the per-level values.
+        weights: ``L`` non-negative level weights; ``None`` gives 1 (eq. 7).
+        mode: ``"token"`` (E-MIM) or ``"feature"``.
+        lambda_offdiag: off-diagonal weight; ``None``: 1.0 in token mode (eq. 8).
+        batch_mode: ``"per_sample"`` or ``"joint"`` (see
+            [`barlow_twins`][mrissl.losses.barlow_twins]).
+        scale_by_size: divide each level's loss by its matrix size.
+        eps: smallest norm or standard deviation divided by.
+        gather_distributed: use the global batch across processes, with gradients.
+
+    Attributes:
+        levels: the level names: block numbers, or ``1 … L``.
+
+    Examples:
+        >>> from mrissl.nn import pyramid_levels
+        >>> pbt = PyramidBarlowTwinsLoss(pyramid_levels(12, 4))
+        >>> g = torch.Generator().manual_seed(0)
+        >>> full = [torch.randn(2, 27, 16, generator=g) for _ in range(4)]
+        >>> masked = [z + 0.1 * torch.randn(z.shape, generator=g) for z in full]
+        >>> loss = torch.tensor(0.5)  # e.g. the reconstruction loss
+        >>> loss = loss + pbt(full, masked)
+        >>> total, per_level = pbt(full, masked, return_levels=True)
+        >>> sorted(per_level)  # block numbers -> unweighted level losses
+        [3, 6, 9, 12]
+    """
+
+    def __init__(
+        self,
+        levels: int | Sequence[int] = 4,
+        weights: Sequence[float] | torch.Tensor | None = None,
+        *,
+        mode: Mode = "token",
+        lambda_offdiag: float | None = None,
+        batch_mode: BatchMode = "per_sample",
+        scale_by_size: bool = False,
+        eps: float = 1e-6,
+        gather_distributed: bool = False,
+    ) -> None:
+        super().__init__()
+        if isinstance(levels, bool) or not isinstance(levels, (int, Sequence)):
+            raise TypeError(f"levels must be an int or a sequence of block numbers, got {levels!r}")
+        names = list(range(1, levels + 1)) if isinstance(levels, int) else list(levels)
+        if not names or len(set(names)) != len(names):
+            raise ValueError(
+                f"levels must be a positive int or distinct block numbers, got {levels!r}"
+            )
+        check_choice(mode, "mode", ("feature", "token"))
+        check_choice(batch_mode, "batch_mode", ("per_sample", "joint"))
+        check_positive(eps, "eps")
+        if lambda_offdiag is not None:
+            check_positive(lambda_offdiag, "lambda_offdiag", allow_zero=True)
+        self.levels: list[int] = names
+        self.weights = _check_weights(weights, len(names))
+        self.mode: Mode = mode
+        self.lambda_offdiag = lambda_offdiag
+        self.batch_mode: BatchMode = batch_mode
+        self.scale_by_size = scale_by_size
+        self.eps = eps
+        self.gather_distributed = gather_distributed
+
+    @overload
+    def forward(
+        self,
+        full: Sequence[torch.Tensor],
+        masked: Sequence[torch.Tensor],
+        keep: torch.Tensor | None = ...,
+        *,
+        return_levels: Literal[False] = ...,
+    ) -> torch.Tensor: ...
+
+    @overload
+    def forward(
+        self,
+        full: Sequence[torch.Tensor],
+        masked: Sequence[torch.Tensor],
+        keep: torch.Tensor | None = ...,
+        *,
+        return_levels: Literal[True],
+    ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]: ...
+
+    def forward(
+        self,
+        full: Sequence[torch.Tensor],
+        masked: Sequence[torch.Tensor],
+        keep: torch.Tensor | None = None,
+        *,
+        return_levels: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """Return ``L_PBT`` for the level features of both views.
+
+        Args:
+            full: ``L`` tensors ``(B, N, E_l)`` of the full image.
+            masked: ``L`` tensors ``(B, N, E_l)``, or ``(B, K, E_l)`` with ``keep``.
+            keep: ``(B, K)`` int64 kept positions of a token-dropping encoder's masked view.
+            return_levels: also return ``{level: unweighted loss}`` for logging.
+
+        Returns:
+            The scalar total, or ``(total, per_level)`` with ``return_levels=True``.
+        """
+        if len(full) != len(self.levels):
+            raise ValueError(
+                f"full must hold {len(self.levels)} levels (levels={self.levels}), got {len(full)}"
+            )
+        total, per_level = pyramid_barlow_twins(
+            full,
+            masked,
+            keep=keep,
+            weights=self.weights,
+            mode=self.mode,
+            lambda_offdiag=self.lambda_offdiag,
+            batch_mode=self.batch_mode,
+            scale_by_size=self.scale_by_size,
+            eps=self.eps,
+            gather_distributed=self.gather_distributed,
+        )
+        if not return_levels:
+            return total
+        return total, dict(zip(self.levels, per_level.unbind(), strict=True))
+
+    def extra_repr(self) -> str:
+        """The configuration, shown in ``repr(module)``."""
+        return (
+            f"levels={self.levels}, weights={self.weights}, mode={self.mode!r}, "
+            f"lambda_offdiag={self.lambda_offdiag}, batch_mode={self.batch_mode!r}"
+        )

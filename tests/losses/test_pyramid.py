@@ -1,0 +1,103 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mrissl.losses import PyramidBarlowTwinsLoss, barlow_twins, pyramid_barlow_twins
+from mrissl.nn import capture_intermediates, gather_tokens, pyramid_levels
+
+
+def levels(gen, n_levels=3, B=2, N=10, E=6):
+    full = [torch.randn(B, N, E, generator=gen) for _ in range(n_levels)]
+    masked = [z + 0.5 * torch.randn(z.shape, generator=gen) for z in full]
+    return full, masked
+
+
+def test_total_is_the_weighted_sum_of_token_mode_levels_eq_7(gen):
+    full, masked = levels(gen)
+    total, per_level = pyramid_barlow_twins(full, masked, weights=[1.0, 0.5, 2.0])
+    want = [barlow_twins(z, z_m, mode="token").item() for z, z_m in zip(full, masked, strict=True)]
+    assert per_level.tolist() == pytest.approx(want, rel=1e-6)
+    assert total.item() == pytest.approx(want[0] + 0.5 * want[1] + 2 * want[2], rel=1e-6)
+
+
+def test_token_dropping_encoder_gathers_the_full_view_at_the_kept_positions(gen):
+    full, _ = levels(gen)
+    keep = torch.stack([torch.randperm(10, generator=gen)[:4] for _ in range(2)])
+    masked = [gather_tokens(z, keep) + 0.1 for z in full]
+    total, _ = pyramid_barlow_twins(full, masked, keep=keep)
+    want = sum(
+        barlow_twins(gather_tokens(z, keep), z_m, mode="token")
+        for z, z_m in zip(full, masked, strict=True)
+    )
+    assert total.item() == pytest.approx(want.item(), rel=1e-6)
+
+
+def test_module_returns_named_levels_for_logging(gen):
+    full, masked = levels(gen, n_levels=4)
+    pbt = PyramidBarlowTwinsLoss(pyramid_levels(12, 4), weights=[1, 1, 1, 0.0])
+    total, named = pbt(full, masked, return_levels=True)
+    assert list(named) == [3, 6, 9, 12]
+    assert total.item() == pytest.approx(
+        sum(v.item() for k, v in named.items() if k != 12), rel=1e-6
+    )
+    assert torch.equal(pbt(full, masked), total)
+
+
+def test_works_on_monai_masked_autoencoder_features(gen):
+    monai_nets = pytest.importorskip("monai.networks.nets")
+    torch.manual_seed(0)
+    mae = monai_nets.MaskedAutoEncoderViT(
+        in_channels=2,
+        img_size=16,
+        patch_size=8,
+        hidden_size=24,
+        mlp_dim=48,
+        num_layers=4,
+        num_heads=2,
+        decoder_hidden_size=24,
+        decoder_num_heads=2,
+        decoder_num_layers=1,
+    )
+    x = torch.rand(2, 2, 16, 16, 16, generator=gen)
+    blocks = pyramid_levels(4, 2)
+    with capture_intermediates(mae, blocks) as full:
+        tokens = mae.patch_embedding(x)
+        mae.blocks(torch.cat([mae.cls_token.expand(2, -1, -1), tokens], dim=1))
+    keep = torch.tensor([[0, 2, 5], [1, 3, 7]])
+    with capture_intermediates(mae, blocks) as masked:
+        mae.blocks(torch.cat([mae.cls_token.expand(2, -1, -1), gather_tokens(tokens, keep)], dim=1))
+    pbt = PyramidBarlowTwinsLoss(blocks)
+    loss = pbt(full, masked, keep)
+    loss.backward()
+    assert loss.item() > 0
+    assert mae.patch_embedding.patch_embeddings.weight.grad is not None
+
+
+def test_gradcheck_with_keep(gen):
+    full = [torch.randn(2, 5, 3, generator=gen, dtype=torch.float64, requires_grad=True)]
+    masked = [torch.randn(2, 3, 3, generator=gen, dtype=torch.float64, requires_grad=True)]
+    keep = torch.tensor([[0, 1, 4], [2, 3, 0]])
+    assert torch.autograd.gradcheck(
+        lambda a, b: pyramid_barlow_twins([a], [b], keep=keep)[0], (full[0], masked[0])
+    )
+
+
+def test_bad_input_names_the_argument_and_level(gen):
+    full, masked = levels(gen)
+    with pytest.raises(ValueError, match="same, non-zero number of levels"):
+        pyramid_barlow_twins(full, masked[:2])
+    with pytest.raises(ValueError, match=r"full\[1\] and masked\[1\] must have the same shape"):
+        pyramid_barlow_twins(full, [masked[0], masked[1][:, :4], masked[2]])
+    with pytest.raises(ValueError, match="weights must have one entry per level"):
+        pyramid_barlow_twins(full, masked, weights=[1.0])
+    with pytest.raises(ValueError, match=r"weights\[1\]"):
+        pyramid_barlow_twins(full, masked, weights=[1.0, -1.0, 1.0])
+    with pytest.raises(ValueError, match=r"masked\[0\] must hold one token per kept position"):
+        pyramid_barlow_twins(full, masked, keep=torch.zeros(2, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"full must hold 4 levels"):
+        PyramidBarlowTwinsLoss(4)(full, masked)
+    bad = [m.clone() for m in masked]
+    bad[2][0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"masked\[2\] contains NaN"):
+        pyramid_barlow_twins(full, bad)
