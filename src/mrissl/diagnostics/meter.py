@@ -1,0 +1,215 @@
+"""A streaming effective-rank meter: O(D²) memory whatever the number of samples.
+
+The effective rank of one batch is capped at the batch size (see
+[`singular_values`][mrissl.diagnostics.singular_values]), and stacking a whole run's features to
+decompose them once costs ``N × D`` memory. The singular values of the stacked, centered
+feature matrix ``Z`` are the square roots of the eigenvalues of its scatter matrix
+``M2 = (Z − μ)ᵀ(Z − μ)``, and ``(count, μ, M2)`` can be merged batch by batch exactly (Chan,
+Golub & LeVeque, 1979), so the meter keeps only those running moments, in float64.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+from mrissl._checks import check_tensor
+from mrissl.diagnostics.spectrum import RANKME_EPS, _entropy_rank, _feature_matrix
+from mrissl.distributed import all_reduce_
+
+__all__ = ["EffectiveRankMeter", "RankResult"]
+
+
+class RankResult(NamedTuple):
+    """What [`EffectiveRankMeter.compute`][mrissl.diagnostics.EffectiveRankMeter.compute] returns.
+
+    Attributes:
+        spectrum: ``(min(count, D),)`` float64 singular values, largest first.
+        effective_rank: 0-dim float64, Roy & Vetterli's effective rank of ``spectrum``.
+        rankme: 0-dim float64, RankMe of ``spectrum`` with the meter's ``eps``.
+        num_samples: the number of samples the spectrum summarises (over all processes when synced).
+    """
+
+    spectrum: torch.Tensor
+    effective_rank: torch.Tensor
+    rankme: torch.Tensor
+    num_samples: int
+
+
+class EffectiveRankMeter(nn.Module):
+    """Spectrum, effective rank and RankMe of every feature seen so far, streamed batch by batch.
+
+    Call [`update`][mrissl.diagnostics.EffectiveRankMeter.update] with each batch of features
+    and [`compute`][mrissl.diagnostics.EffectiveRankMeter.compute] whenever a value is wanted;
+    [`reset`][mrissl.diagnostics.EffectiveRankMeter.reset] starts over. The state is three
+    buffers (``count``, ``mean: (D,)``, ``m2: (D, D)``, all float64 but ``count``), so memory
+    is ``O(D²)`` however many samples are fed, the meter saves and loads through
+    ``state_dict``, and ``.to(device)`` moves it (it also follows the device of the first batch
+    it sees). The result equals stacking every batch and calling
+    [`singular_values`][mrissl.diagnostics.singular_values] /
+    [`effective_rank`][mrissl.diagnostics.effective_rank] /
+    [`rankme`][mrissl.diagnostics.rankme] with the same ``center`` and ``eps``, to about 1e-8
+    of the largest singular value: the spectrum comes from ``eigvalsh(m2)``, and eigenvalues
+    below ``D · 2.2e-16 · λ_max`` (indistinguishable from rounding) are set to 0 so that a
+    rank-``k`` stream gives exactly ``k``.
+
+    With ``sync_distributed=True``, ``compute`` merges the moments of all processes of
+    ``torch.distributed`` (two all-reduces of ``O(D²)`` values) before decomposing, without
+    changing the local state, so every process gets the spectrum of the global stream; without
+    an initialised process group it is a no-op.
+
+    Args:
+        dim: the feature dimension ``D``.
+        center: subtract the running mean (spectrum of the covariance); ``False`` gives the
+            spectrum of the raw features.
+        eps: the ``ε`` of RankMe (``p_k + ε``); the effective rank never uses one.
+        sync_distributed: merge the state of all processes in ``compute``.
+        process_group: the ``torch.distributed`` group to merge over (default: the world).
+
+    Examples:
+        >>> meter = EffectiveRankMeter(32)
+        >>> g = torch.Generator().manual_seed(0)
+        >>> basis = torch.randn(4, 32, generator=g)  # features live in a 4-dim subspace
+        >>> for _ in range(10):
+        ...     meter.update(torch.randn(64, 4, generator=g) @ basis)
+        >>> result = meter.compute()
+        >>> result.num_samples, result.spectrum.shape
+        (640, torch.Size([32]))
+        >>> float(result.effective_rank) <= 4.0
+        True
+        >>> restored = EffectiveRankMeter(32)
+        >>> _ = restored.load_state_dict(meter.state_dict())
+        >>> torch.equal(restored.compute().spectrum, result.spectrum)
+        True
+    """
+
+    count: torch.Tensor
+    mean: torch.Tensor
+    m2: torch.Tensor
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        center: bool = True,
+        eps: float = RANKME_EPS,
+        sync_distributed: bool = False,
+        process_group: Any = None,
+    ) -> None:
+        super().__init__()
+        if isinstance(dim, bool) or not isinstance(dim, int):
+            raise TypeError(f"dim must be an int, got {type(dim).__name__} {dim!r}")
+        if dim < 1:
+            raise ValueError(f"dim must be a positive feature dimension, got {dim}")
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+            raise ValueError(f"eps must be a float >= 0, got {eps!r}")
+        self.dim = dim
+        self.center = bool(center)
+        self.eps = float(eps)
+        self.sync_distributed = bool(sync_distributed)
+        self.process_group = process_group
+        self.register_buffer("count", torch.zeros((), dtype=torch.int64))
+        self.register_buffer("mean", torch.zeros(dim, dtype=torch.float64))
+        self.register_buffer("m2", torch.zeros(dim, dim, dtype=torch.float64))
+
+    def extra_repr(self) -> str:  # noqa: D102
+        return f"dim={self.dim}, center={self.center}, eps={self.eps:g}"
+
+    @torch.no_grad()
+    def update(self, z: torch.Tensor) -> None:
+        """Add a batch of features to the running moments.
+
+        Args:
+            z: ``(B, D)`` features, or ``(B, N, D)`` tokens (each token is one sample); any
+                floating dtype, finite, at least one sample. Detached automatically.
+
+        Raises:
+            TypeError: if ``z`` is not a floating-point tensor.
+            ValueError: if ``z`` is not 2-D/3-D, its last dimension is not ``dim``, or it holds
+                NaN/Inf (checked before anything is merged, so the state stays valid; the check
+                costs one device-to-host sync per call).
+        """
+        check_tensor(z, "z", ndim=(2, 3))
+        if z.shape[-1] != self.dim:
+            raise ValueError(
+                f"z must have the meter's feature dimension {self.dim} as its last dimension, "
+                f"got shape {tuple(z.shape)}"
+            )
+        batch = _feature_matrix(z, "z", min_samples=1)
+        if batch.device != self.mean.device:
+            self.to(batch.device)
+        x = batch.detach().to(torch.float64)
+        # Chan et al. (1979), merged in place: M2 += Xcᵀ Xc + n_a·w_b·δδᵀ, μ += w_b·δ
+        n_b = x.shape[0]
+        mean_b = x.mean(dim=0)
+        xc = x - mean_b
+        delta = mean_b - self.mean
+        n_a = self.count.to(torch.float64)
+        w_b = n_b / (n_a + n_b)
+        self.m2.addmm_(xc.T, xc)
+        self.m2.addr_(delta, delta * (n_a * w_b))
+        self.mean.add_(delta * w_b)
+        self.count.add_(n_b)
+
+    def reset(self) -> None:
+        """Forget every sample seen (keeps the device and configuration)."""
+        self.count.zero_()
+        self.mean.zero_()
+        self.m2.zero_()
+
+    def _global_state(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if not self.sync_distributed:
+            return self.count, self.mean, self.m2
+        # two rounds keep the merge exact and stable: the global mean first, then each
+        # process's scatter about that mean
+        count = all_reduce_(self.count.clone(), group=self.process_group)
+        total = count.to(torch.float64).clamp(min=1.0)
+        mean = all_reduce_(self.mean * self.count.to(torch.float64), group=self.process_group)
+        mean = mean / total
+        delta = self.mean - mean
+        local = self.m2 + torch.outer(delta, delta) * self.count.to(torch.float64)
+        return count, mean, all_reduce_(local, group=self.process_group)
+
+    @torch.no_grad()
+    def compute(self) -> RankResult:
+        """Decompose the accumulated moments.
+
+        Returns:
+            A [`RankResult`][mrissl.diagnostics.RankResult]: the ``(min(count, D),)`` float64
+            spectrum (largest first), the effective rank, RankMe and the sample count.
+
+        Raises:
+            ValueError: if fewer than 2 samples have been seen (over all processes when synced).
+
+        Warns:
+            UserWarning: when ``count`` is below ``D``, which caps the effective rank.
+        """
+        count, mean, m2 = self._global_state()
+        n = int(count)
+        if n < 2:
+            raise ValueError(
+                f"EffectiveRankMeter needs at least 2 samples before compute(), got {n}; "
+                "call update() with more features first"
+            )
+        if not self.center:
+            m2 = m2 + torch.outer(mean, mean) * float(n)
+        cap = min(n - int(self.center), self.dim)
+        if cap < self.dim:
+            warnings.warn(
+                f"the meter has seen {n} samples of dimension {self.dim}: the effective rank is "
+                f"capped at {cap}; feed more samples before reading it",
+                stacklevel=2,
+            )
+        eigvals = torch.linalg.eigvalsh(m2).flip(0)  # σ_k² of the stacked matrix, descending
+        tol = eigvals[0].clamp(min=0) * (self.dim * torch.finfo(torch.float64).eps)
+        eigvals = torch.where(eigvals > tol, eigvals, torch.zeros_like(eigvals))
+        spectrum = eigvals[: min(n, self.dim)].sqrt()
+        return RankResult(
+            spectrum=spectrum,
+            effective_rank=_entropy_rank(spectrum, 0.0),
+            rankme=_entropy_rank(spectrum, self.eps),
+            num_samples=n,
+        )

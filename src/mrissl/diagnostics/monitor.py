@@ -1,0 +1,263 @@
+"""Watch a training run for complete and dimensional collapse, one call per step."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from mrissl.diagnostics.floor import CollapseFloor
+from mrissl.diagnostics.meter import EffectiveRankMeter
+
+__all__ = ["CollapseMonitor", "CollapseStatus"]
+
+
+@dataclass(frozen=True)
+class CollapseStatus:
+    """The verdict of a [`CollapseMonitor`][mrissl.diagnostics.CollapseMonitor].
+
+    Attributes:
+        step: the number of steps seen when the verdict was made (a multiple of ``window``).
+        complete: the mean loss of the last window is within the tolerance of the floor.
+        dimensional: the effective rank fell below ``rank_fraction`` of its first value, or fell
+            in each of the last ``patience`` windows by ``min_drop`` in all.
+        reason: a sentence explaining the verdict, with the numbers behind it.
+        loss: the mean loss over the last window (None before the first window ends).
+        effective_rank: the effective rank of the last window's features (None without them).
+    """
+
+    step: int
+    complete: bool
+    dimensional: bool
+    reason: str
+    loss: float | None = None
+    effective_rank: float | None = None
+
+    @property
+    def collapsed(self) -> bool:
+        """True when either kind of collapse is flagged."""
+        return self.complete or self.dimensional
+
+
+class CollapseMonitor(nn.Module):
+    """Flags complete and dimensional collapse from the loss and features of each step.
+
+    Call [`step`][mrissl.diagnostics.CollapseMonitor.step] once per training step with the
+    reconstruction loss and (optionally) a batch of features. The work per step is cheap and
+    does not synchronise with the device: the loss is added to a running sum and the features
+    to an [`EffectiveRankMeter`][mrissl.diagnostics.EffectiveRankMeter] (one ``D × D`` matrix
+    product). Every ``window`` steps the monitor decomposes the window's moments (one
+    ``eigvalsh`` of ``D × D``), reads the mean loss, updates its verdict and starts a new window:
+
+    * **complete collapse** (E-MIM eq. 3): ``|mean loss − floor| ≤ tolerance · floor``, where
+      ``floor`` is Var(x_m) from [`collapsed_loss_floor`][mrissl.diagnostics.collapsed_loss_floor];
+      a loss well below the floor means the model beats every constant predictor.
+    * **dimensional collapse**: the window's effective rank is below ``rank_fraction`` times the
+      first window's, or it decreased in each of the last ``patience`` windows and by at least
+      ``min_drop`` (relative) over them.
+
+    With ``warn=True`` a ``UserWarning`` carrying the reason is issued when a flag turns on. The
+    history of window values saves and loads through ``state_dict``.
+
+    Args:
+        dim: the feature dimension ``D`` of the features given to ``step``.
+        floor: Var(x_m) as a float or a [`CollapseFloor`][mrissl.diagnostics.CollapseFloor];
+            None disables the complete-collapse check.
+        tolerance: relative distance to the floor that counts as collapsed.
+        rank_fraction: fraction of the initial effective rank below which the rank has collapsed.
+        window: steps per verdict; the rank of a window uses all of its ``window · B`` samples.
+        patience: number of consecutive falling windows that count as a steady fall.
+        min_drop: relative fall over those windows needed to flag it.
+        center: passed to the meter (spectrum of the covariance).
+        sync_distributed: merge features of all processes when a window ends.
+        warn: issue a warning when a collapse is first flagged.
+
+    Examples:
+        >>> monitor = CollapseMonitor(dim=16, floor=0.02, window=5)
+        >>> g = torch.Generator().manual_seed(0)
+        >>> for step in range(10):
+        ...     z = torch.randn(32, 16, generator=g)  # healthy, full-rank features
+        ...     status = monitor.step(torch.tensor(0.05), z)
+        >>> status.collapsed, status.step
+        (False, 10)
+        >>> status = None
+        >>> for step in range(5):  # the loss settles on the floor
+        ...     status = monitor.step(0.0201, torch.randn(32, 16, generator=g), warn=False)
+        >>> status.complete, status.reason.split(":")[0]
+        (True, 'complete collapse')
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        floor: float | CollapseFloor | None = None,
+        tolerance: float = 0.1,
+        rank_fraction: float = 0.5,
+        window: int = 100,
+        patience: int = 4,
+        min_drop: float = 0.1,
+        center: bool = True,
+        sync_distributed: bool = False,
+        warn: bool = True,
+    ) -> None:
+        super().__init__()
+        if isinstance(floor, CollapseFloor):
+            floor = floor.floor
+        if floor is not None and (isinstance(floor, bool) or not isinstance(floor, (int, float))):
+            raise TypeError(f"floor must be a float, a CollapseFloor or None, got {floor!r}")
+        if floor is not None and not (math.isfinite(floor) and floor >= 0):
+            raise ValueError(f"floor must be a finite value >= 0, got {floor!r}")
+        for name, value in (("tolerance", tolerance), ("min_drop", min_drop)):
+            if not value >= 0:
+                raise ValueError(f"{name} must be >= 0, got {value!r}")
+        if not 0 < rank_fraction <= 1:
+            raise ValueError(f"rank_fraction must be in (0, 1], got {rank_fraction!r}")
+        for name, count in (("window", window), ("patience", patience)):
+            if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {count!r}")
+        self.floor = None if floor is None else float(floor)
+        self.tolerance = float(tolerance)
+        self.rank_fraction = float(rank_fraction)
+        self.window = window
+        self.patience = patience
+        self.min_drop = float(min_drop)
+        self.warn = warn
+        self.meter = EffectiveRankMeter(dim, center=center, sync_distributed=sync_distributed)
+        self.steps = 0
+        self.loss_sum: torch.Tensor | float = 0.0
+        self.loss_count = 0
+        self.ranks: list[float] = []
+        self.losses: list[float] = []
+        self.status = CollapseStatus(0, False, False, "no window completed yet")
+
+    @torch.no_grad()
+    def step(
+        self,
+        loss: torch.Tensor | float | None,
+        features: torch.Tensor | None = None,
+        *,
+        warn: bool | None = None,
+    ) -> CollapseStatus:
+        """Record one training step; every ``window`` steps, update the verdict.
+
+        Args:
+            loss: the step's reconstruction loss, a 0-dim tensor (detached here) or a float;
+                None if only features are monitored.
+            features: ``(B, D)`` or ``(B, N, D)`` features of the step (detached here).
+            warn: override the monitor's ``warn`` for this call.
+
+        Returns:
+            The latest [`CollapseStatus`][mrissl.diagnostics.CollapseStatus] (unchanged between
+            window ends).
+
+        Raises:
+            ValueError: if the loss is not a scalar, or the window's mean loss is NaN/Inf; the
+                meter's errors for bad features.
+        """
+        if loss is not None:
+            if isinstance(loss, torch.Tensor):
+                if loss.numel() != 1:
+                    raise ValueError(f"loss must be a scalar, got shape {tuple(loss.shape)}")
+                loss = loss.detach().to(torch.float64).reshape(())
+            elif isinstance(loss, bool) or not isinstance(loss, (int, float)):
+                raise TypeError(f"loss must be a tensor or a float, got {type(loss).__name__}")
+            self.loss_sum = self.loss_sum + loss
+            self.loss_count += 1
+        if features is not None:
+            self.meter.update(features)
+        self.steps += 1
+        if self.steps % self.window == 0:
+            self._close_window(self.warn if warn is None else warn)
+        return self.status
+
+    def _close_window(self, warn: bool) -> None:
+        loss: float | None = None
+        if self.loss_count:
+            loss = float(self.loss_sum) / self.loss_count
+            if not math.isfinite(loss):
+                raise ValueError(
+                    f"the mean loss over steps {self.steps - self.window + 1}-{self.steps} is "
+                    f"{loss}: the training loss has become NaN or Inf"
+                )
+            self.losses.append(loss)
+        rank: float | None = None
+        if int(self.meter.count) >= 2:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # a small window is capped by design
+                rank = float(self.meter.compute().effective_rank)
+            self.ranks.append(rank)
+        self.meter.reset()
+        self.loss_sum, self.loss_count = 0.0, 0
+        before = self.status
+        self.status = self._verdict(loss, rank)
+        if warn and (
+            (self.status.complete and not before.complete)
+            or (self.status.dimensional and not before.dimensional)
+        ):
+            warnings.warn(self.status.reason, stacklevel=3)
+
+    def _verdict(self, loss: float | None, rank: float | None) -> CollapseStatus:
+        reasons = []
+        complete = dimensional = False
+        if (
+            loss is not None
+            and self.floor is not None
+            and abs(loss - self.floor) <= self.tolerance * self.floor
+        ):
+            complete = True
+            reasons.append(
+                f"complete collapse: the mean loss {loss:.4g} over the last {self.window} "
+                f"steps is within {self.tolerance:.0%} of the collapsed-loss floor "
+                f"Var(x_m) = {self.floor:.4g} (E-MIM eq. 3)"
+            )
+        if rank is not None and self.ranks:
+            first = self.ranks[0]
+            recent = self.ranks[-(self.patience + 1) :]
+            falling = len(recent) == self.patience + 1 and all(
+                b < a for a, b in itertools.pairwise(recent)
+            )
+            if rank < self.rank_fraction * first:
+                dimensional = True
+                reasons.append(
+                    f"dimensional collapse: the effective rank {rank:.2f} is below "
+                    f"{self.rank_fraction:.0%} of its initial value {first:.2f}"
+                )
+            elif falling and recent[-1] <= (1 - self.min_drop) * recent[0]:
+                dimensional = True
+                reasons.append(
+                    f"dimensional collapse: the effective rank fell in each of the last "
+                    f"{self.patience} windows, from {recent[0]:.2f} to {recent[-1]:.2f}"
+                )
+        if not reasons:
+            parts = []
+            if loss is not None:
+                floor = "" if self.floor is None else f" (floor {self.floor:.4g})"
+                parts.append(f"mean loss {loss:.4g}{floor}")
+            if rank is not None:
+                parts.append(f"effective rank {rank:.2f} (initial {self.ranks[0]:.2f})")
+            reasons.append("no collapse: " + ", ".join(parts) if parts else "no collapse")
+        return CollapseStatus(self.steps, complete, dimensional, "; ".join(reasons), loss, rank)
+
+    def get_extra_state(self) -> dict[str, Any]:
+        """The step counter, the window's running loss and the history (for ``state_dict``)."""
+        return {
+            "steps": self.steps,
+            "loss_sum": float(self.loss_sum),
+            "loss_count": self.loss_count,
+            "ranks": list(self.ranks),
+            "losses": list(self.losses),
+        }
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        """Restore the state written by ``get_extra_state``."""
+        self.steps = int(state["steps"])
+        self.loss_sum = float(state["loss_sum"])
+        self.loss_count = int(state["loss_count"])
+        self.ranks = [float(r) for r in state["ranks"]]
+        self.losses = [float(v) for v in state["losses"]]
