@@ -4,6 +4,7 @@ This is the top layer of mrissl, next to the command line: it may import MONAI a
 and nothing below it imports it.
 """
 
+from mrissl.data.mask_transforms import RandBlockMaskd, RandHybridMaskd, RandMaskd, RandTokenMaskd
 from mrissl.data.nifti import Case, FoundCases, NiftiCase, find_cases, load_case
 from mrissl.data.phantom import (
     PHANTOM_LABELS,
@@ -28,6 +29,10 @@ __all__ = [
     "NiftiCase",
     "PhantomDataset",
     "PulseSequence",
+    "RandBlockMaskd",
+    "RandHybridMaskd",
+    "RandMaskd",
+    "RandTokenMaskd",
     "Tissue",
     "find_cases",
     "load_case",

@@ -1,0 +1,536 @@
+"""E-MIM's hybrid mask pattern (HMP): modal, position and patch masks, composed in that order.
+
+E-MIM (section III-A, Fig. 3) masks a ``(C modalities × N positions)`` token grid in three
+consecutive steps:
+
+1. **Modal mask** ([`ModalMask`][mrissl.masking.ModalMask]): a randomly chosen modality is
+   masked entirely.
+2. **Position mask** ([`PositionMask`][mrissl.masking.PositionMask]): random positions are
+   masked in every modality at once.
+3. **Patch mask** ([`PatchMask`][mrissl.masking.PatchMask]): at the remaining positions the
+   modalities are split complementarily, some hidden and the others kept, so a hidden patch
+   is reconstructed from the other modalities at the same place.
+
+The paper fixes neither the ratios of steps 2 and 3 nor how many modalities step 1 hides
+beyond "one"; they are constructor arguments here, with defaults documented on
+[`HybridMaskPattern`][mrissl.masking.HybridMaskPattern].
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from mrissl.masking._base import (
+    _EPS,
+    MaskGenerator,
+    _check_grid_args,
+    _check_int,
+    _check_ratio,
+    _choose_k,
+    _count,
+    _rand,
+)
+
+__all__ = ["HybridMaskPattern", "ModalMask", "PatchMask", "PositionMask"]
+
+_NEVER = 2.0  # a score above every uniform draw: the entry ranks last and is never chosen
+
+
+class ModalMask(MaskGenerator):
+    """Mask whole modalities (E-MIM HMP step 1, "Modal Mask").
+
+    Two ways to say how many:
+
+    * ``num_masked=k`` (default 1, E-MIM's "randomly masks one modal"): exactly ``k``
+      modalities per sample, chosen uniformly among the candidates;
+    * ``probability=p``: each candidate modality is masked independently with probability
+      ``p``.
+
+    ``candidates`` restricts which modalities may be chosen (for example never the one a
+    downstream task cannot do without); ``None`` allows all.
+
+    **At least one present modality is always kept**, so the encoder never sees an empty
+    input. With ``available``, missing modalities are masked anyway and are never counted as
+    kept; per sample the count is therefore ``min(k, eligible, present - 1)``, where
+    ``eligible`` is the number of present candidates. A sample with a single present modality
+    gets no modal mask at all. With ``probability``, a draw that would hide every present
+    modality keeps one of them, chosen uniformly.
+
+    Args:
+        num_masked: modalities to mask per sample (ignored when ``probability`` is given).
+        probability: per-modality masking probability in ``[0, 1)``, or ``None``.
+        candidates: indices of the modalities that may be masked, or ``None`` for all.
+
+    Raises:
+        ValueError: for ``num_masked < 1``, a probability outside ``[0, 1)``, repeated or
+            negative candidates; when sampling, for ``C < num_masked + 1`` (C = 1 cannot have
+            a modal mask) or a candidate index ``>= C``.
+
+    Examples:
+        >>> g = torch.Generator().manual_seed(0)
+        >>> mask = ModalMask().sample(3, 4, 8, generator=g)  # (B, C, N)
+        >>> mask.all(dim=2)  # one whole modality per sample
+        tensor([[False, False,  True, False],
+                [ True, False, False, False],
+                [False, False,  True, False]])
+        >>> only = ModalMask(candidates=[0, 1]).sample(64, 4, 8, generator=g)
+        >>> bool(only[:, 2:].any())  # modalities 2 and 3 are never chosen
+        False
+        >>> ModalMask().sample(2, 1, 8)
+        Traceback (most recent call last):
+            ...
+        ValueError: ModalMask needs num_modalities >= 2 (masking 1 modality must leave one ...
+    """
+
+    def __init__(
+        self,
+        num_masked: int = 1,
+        *,
+        probability: float | None = None,
+        candidates: Sequence[int] | None = None,
+    ) -> None:
+        self.num_masked = _check_int(num_masked, "num_masked", 1)
+        self.probability = None if probability is None else _check_ratio(probability, "probability")
+        self.candidates: tuple[int, ...] | None = None
+        if candidates is not None:
+            cands = tuple(candidates)
+            for c in cands:
+                _check_int(c, "candidates", 0)
+            if not cands or len(set(cands)) != len(cands):
+                raise ValueError(
+                    f"candidates must be a non-empty sequence of distinct modality indices, "
+                    f"got {candidates!r}"
+                )
+            self.candidates = tuple(sorted(cands))
+
+    def _min_modalities(self) -> int:
+        return 2 if self.probability is not None else self.num_masked + 1
+
+    def _needs_why(self) -> str:
+        k = 1 if self.probability is not None else self.num_masked
+        return f"masking {k} modalit{'y' if k == 1 else 'ies'} must leave one modality visible"
+
+    def _candidate_mask(self, C: int, device: torch.device) -> torch.Tensor:
+        if self.candidates is None:
+            return torch.ones(C, dtype=torch.bool, device=device)
+        if self.candidates[-1] >= C:
+            raise ValueError(
+                f"ModalMask candidates must be modality indices below num_modalities={C}, "
+                f"got {self.candidates}"
+            )
+        out = torch.zeros(C, dtype=torch.bool, device=device)
+        out[list(self.candidates)] = True
+        return out
+
+    def _draw(
+        self,
+        B: int,
+        C: int,
+        available: torch.Tensor | None,
+        generator: torch.Generator | None,
+        device: torch.device,
+    ) -> torch.Tensor:
+        """``(B, C)`` bool: the modalities masked entirely."""
+        present = (
+            available
+            if available is not None
+            else torch.ones(B, C, dtype=torch.bool, device=device)
+        )
+        eligible = present & self._candidate_mask(C, device)
+        scores = _rand((B, C), generator, device)
+        if self.probability is None:
+            # exactly k per sample, never the last present modality
+            k = torch.minimum(eligible.sum(1), present.sum(1) - 1).clamp(max=self.num_masked)
+            return _choose_k(scores.masked_fill(~eligible, _NEVER), k, dim=1)
+        masked = (scores < self.probability) & eligible
+        tie = _rand((B, C), generator, device)  # drawn always, so the stream does not branch
+        emptied = ~(present & ~masked).any(dim=1)
+        # keep one of the masked modalities, uniformly, where every present one was hit
+        keep = tie.masked_fill(~masked, _NEVER).argmin(dim=1)
+        spare = torch.zeros_like(masked).scatter_(1, keep[:, None], True) & emptied[:, None]
+        return masked & ~spare
+
+    def _count_distribution(self, C: int) -> dict[int, float]:
+        """Probability of each number of masked modalities when all ``C`` are present."""
+        K = C if self.candidates is None else sum(c < C for c in self.candidates)
+        if self.probability is None:
+            return {min(self.num_masked, K, C - 1): 1.0}
+        p = self.probability
+        dist: dict[int, float] = {}
+        for m in range(K + 1):
+            prob = math.comb(K, m) * p**m * (1 - p) ** (K - m)
+            m_kept = min(m, C - 1)  # all C hit: one is kept
+            dist[m_kept] = dist.get(m_kept, 0.0) + prob
+        return dist
+
+    def expected_mask_ratio(self, num_modalities: int, num_tokens: int) -> float:
+        """Expected fraction of masked tokens: ``E[masked modalities] / C``.
+
+        Examples:
+            >>> ModalMask().expected_mask_ratio(4, 216)
+            0.25
+            >>> round(ModalMask(probability=0.5).expected_mask_ratio(2, 216), 4)  # (1 - 0.25) / 2
+            0.375
+        """
+        C, _ = _check_grid_args(num_modalities, num_tokens)
+        return sum(m * p for m, p in self._count_distribution(C).items()) / C
+
+    def _sample(
+        self,
+        B: int,
+        C: int,
+        N: int,
+        available: torch.Tensor | None,
+        generator: torch.Generator | None,
+        device: torch.device,
+    ) -> torch.Tensor:
+        return self._draw(B, C, available, generator, device)[:, :, None].expand(B, C, N).clone()
+
+
+class PositionMask(MaskGenerator):
+    """Mask the same random positions in every modality (E-MIM HMP step 2, "Position Mask").
+
+    Exactly ``floor(N · mask_ratio)`` positions per sample, chosen uniformly; a masked
+    position is hidden in all ``C`` modalities at once.
+
+    Args:
+        mask_ratio: fraction of positions to mask, in ``[0, 1)``.
+
+    Raises:
+        ValueError: if ``mask_ratio`` is outside ``[0, 1)``.
+
+    Examples:
+        >>> g = torch.Generator().manual_seed(0)
+        >>> mask = PositionMask(0.5).sample(2, 3, 8, generator=g)
+        >>> mask[0].int()
+        tensor([[0, 0, 1, 1, 1, 0, 1, 0],
+                [0, 0, 1, 1, 1, 0, 1, 0],
+                [0, 0, 1, 1, 1, 0, 1, 0]], dtype=torch.int32)
+    """
+
+    def __init__(self, mask_ratio: float = 0.5) -> None:
+        self.mask_ratio = _check_ratio(mask_ratio, "mask_ratio")
+
+    def _draw(
+        self, B: int, N: int, generator: torch.Generator | None, device: torch.device
+    ) -> torch.Tensor:
+        """``(B, N)`` bool: the masked positions."""
+        return _choose_k(_rand((B, N), generator, device), _count(N, self.mask_ratio))
+
+    def expected_mask_ratio(self, num_modalities: int, num_tokens: int) -> float:
+        """Fraction of masked tokens: ``floor(N · mask_ratio) / N`` (exact).
+
+        Examples:
+            >>> PositionMask(0.5).expected_mask_ratio(4, 216)
+            0.5
+        """
+        _, N = _check_grid_args(num_modalities, num_tokens)
+        return _count(N, self.mask_ratio) / N
+
+    def _sample(
+        self,
+        B: int,
+        C: int,
+        N: int,
+        available: torch.Tensor | None,
+        generator: torch.Generator | None,
+        device: torch.device,
+    ) -> torch.Tensor:
+        return self._draw(B, N, generator, device)[:, None, :].expand(B, C, N).clone()
+
+
+def _hidden_per_position(ratio: float, V: int) -> tuple[int, float]:
+    """Split ``ratio · V`` into its floor and fractional part."""
+    t = ratio * V
+    base = math.floor(t + _EPS)
+    return base, max(t - base, 0.0)
+
+
+def _round_half_up(x: float) -> int:
+    return math.floor(x + 0.5 + _EPS)
+
+
+def _expected_hidden(ratio: float, V: int, positions: int) -> float:
+    """Patches hidden by the patch step over ``positions`` positions with ``V`` visible each."""
+    if V <= 1 or positions == 0:
+        return 0.0
+    base, frac = _hidden_per_position(ratio, V)
+    if base >= V - 1:  # the keep-one cap binds everywhere
+        return float(positions * (V - 1))
+    return float(positions * base + _round_half_up(positions * frac))
+
+
+class PatchMask(MaskGenerator):
+    """Complementary masking across modalities (E-MIM HMP step 3, "Patch Mask").
+
+    At every position, some of the visible modalities are hidden and the others kept: the
+    step **never hides every modality of a position**, so a hidden patch always has another
+    modality at the same place to be reconstructed from. With ``r = mask_ratio`` and ``V``
+    visible modalities at a position, it hides ``k`` of them, chosen uniformly, where
+
+    ``k = floor(r · V)`` or ``floor(r · V) + 1``, capped at ``V - 1``;
+
+    the ``+ 1`` goes to ``round(frac(r · V) · N')`` of the sample's ``N'`` positions, chosen
+    uniformly. So every visible patch is hidden with probability ``r`` (up to that rounding,
+    while the cap does not bind, ``r <= (V - 1) / V``) and the number of hidden patches per
+    sample is fixed, which keeps token-dropping batches rectangular
+    (see [`keep_indices`][mrissl.masking.keep_indices]). With ``C = 4`` and ``r = 0.5``
+    exactly two modalities are hidden at every position; with three visible, one or two.
+
+    Missing modalities are not visible (they are masked anyway) and a position with a single
+    visible modality is left alone; so a sample with one present modality gets no patch mask.
+
+    Args:
+        mask_ratio: fraction of the visible modalities of a position to hide, in ``[0, 1)``.
+
+    Raises:
+        ValueError: if ``mask_ratio`` is outside ``[0, 1)``; when sampling, for ``C = 1``.
+
+    Examples:
+        >>> g = torch.Generator().manual_seed(0)
+        >>> mask = PatchMask(0.5).sample(1, 4, 6, generator=g)
+        >>> mask[0].int()  # columns are positions: two of four modalities hidden in each
+        tensor([[0, 0, 1, 0, 1, 1],
+                [1, 1, 1, 1, 0, 0],
+                [1, 1, 0, 0, 0, 0],
+                [0, 0, 0, 1, 1, 1]], dtype=torch.int32)
+        >>> bool(mask.all(dim=1).any())  # no position loses every modality
+        False
+    """
+
+    def __init__(self, mask_ratio: float = 0.5) -> None:
+        self.mask_ratio = _check_ratio(mask_ratio, "mask_ratio")
+
+    def _min_modalities(self) -> int:
+        return 2
+
+    def _needs_why(self) -> str:
+        return "complementary masking hides some modalities of a position and keeps others"
+
+    def _draw(self, visible: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """``(B, C, N)`` bool: the hidden tokens, a subset of ``visible: (B, C, N)``."""
+        B, C, N = visible.shape
+        device = visible.device
+        V = visible.sum(dim=1)  # (B, N) visible modalities per position
+        # floor and fractional part of r·V for each possible V, looked up per position
+        table = [_hidden_per_position(self.mask_ratio, v) for v in range(C + 1)]
+        base = torch.tensor([b for b, _ in table], dtype=torch.float64, device=device)[V]
+        frac = torch.tensor([f for _, f in table], dtype=torch.float64, device=device)[V]
+        # the extra patches: walk the positions in a random order and hand one out each time
+        # the running sum of frac passes a half-integer, so a sample gets round(sum of frac)
+        # extras in all (a fixed count) and, frac being equal across a sample's remaining
+        # positions, each of them is equally likely to get one
+        order = _rand((B, N), generator, device).argsort(dim=1)
+        f = frac.gather(1, order)
+        upto = f.cumsum(dim=1)
+        before = torch.cat([torch.zeros_like(upto[:, :1]), upto[:, :-1]], dim=1)
+        # floor(s + 1/2) as a cast: s >= 0 (and torch.floor is slow on some CPU builds)
+        extra_sorted = (upto + 0.5 + _EPS).long() - (before + 0.5 + _EPS).long()
+        extra = torch.zeros_like(V).scatter_(1, order, extra_sorted)
+        k = torch.minimum(base.long() + extra, V - 1).clamp(min=0)
+        scores = _rand((B, C, N), generator, device).masked_fill(~visible, _NEVER)
+        return _choose_k(scores, k, dim=1)
+
+    def expected_mask_ratio(self, num_modalities: int, num_tokens: int) -> float:
+        """Fraction of masked tokens with ``V = C`` visible at each of the ``N`` positions.
+
+        Examples:
+            >>> PatchMask(0.5).expected_mask_ratio(4, 216)
+            0.5
+            >>> PatchMask(0.5).expected_mask_ratio(3, 216)  # k is 1 or 2, half the time each
+            0.5
+            >>> PatchMask(0.75).expected_mask_ratio(2, 216)  # at most 1 of 2
+            0.5
+        """
+        C, N = _check_grid_args(num_modalities, num_tokens)
+        return _expected_hidden(self.mask_ratio, C, N) / (C * N)
+
+    def _sample(
+        self,
+        B: int,
+        C: int,
+        N: int,
+        available: torch.Tensor | None,
+        generator: torch.Generator | None,
+        device: torch.device,
+    ) -> torch.Tensor:
+        visible = torch.ones(B, C, N, dtype=torch.bool, device=device)
+        if available is not None:
+            visible &= available[:, :, None]
+        return self._draw(visible, generator)
+
+
+class HybridMaskPattern(MaskGenerator):
+    """E-MIM's hybrid mask pattern: modal, position and patch masks in that order.
+
+    Each step is given as a configured step object, as a number (shorthand for the step's
+    constructor), or ``None`` to switch it off, so every row of E-MIM's Table III ablation
+    is one constructor call:
+
+    | Table III row | call |
+    | --- | --- |
+    | modal | `HybridMaskPattern(position=None, patch=None)` |
+    | position | `HybridMaskPattern(modal=None, patch=None)` |
+    | patch | `HybridMaskPattern(modal=None, position=None)` |
+    | modal + position | `HybridMaskPattern(patch=None)` |
+    | modal + patch | `HybridMaskPattern(position=None)` |
+    | position + patch | `HybridMaskPattern(modal=None)` |
+    | modal + position + patch (HMP) | `HybridMaskPattern()` |
+
+    The table's row with no step ticked has no HMP step to compose; mrissl reads it as the
+    MAE baseline of the paper, [`RandomTokenMask`][mrissl.masking.RandomTokenMask], and a
+    ``HybridMaskPattern`` with every step off is rejected.
+
+    How the steps compose, for one sample:
+
+    1. modal: ``ModalMask`` chooses whole modalities among the present ones (at least one
+       present modality stays);
+    2. position: ``PositionMask`` chooses ``floor(N · r_pos)`` of all ``N`` positions and masks
+       them in every modality;
+    3. patch: at each position *not* chosen in step 2, ``PatchMask`` hides some of the
+       modalities still visible after step 1 and keeps at least one.
+
+    Missing modalities are masked throughout and never counted as visible. A sample with one
+    present modality gets only the position step.
+
+    **Defaults, and why.** The paper says "randomly masks one modal" and fixes nothing else.
+
+    * ``modal=1``: one modality, as the paper says.
+    * ``position=0.5``: half the positions. With ``C = 4`` steps 1 and 2 then hide
+      ``1/4 + 1/2 · 3/4 = 62.5 %`` of the tokens, close to MAE's 75 % which the paper's MAE
+      baseline uses, leaving room for step 3.
+    * ``patch=0.5``: hide half of the visible modalities of each remaining position, the
+      most even complementary split (every hidden patch has as many visible partners as
+      possible on average, and every modality is equally likely to be the hidden one).
+
+    For ``C = 4`` and ``N = 216`` the realised ratio is exactly ``0.25 + 0.375 + 0.5 ·
+    1.5/4 = 0.8125`` in every sample; for ``C = 2`` it is ``0.75`` and for ``C = 3``
+    ``0.8333``
+    ([`expected_mask_ratio`][mrissl.masking.HybridMaskPattern.expected_mask_ratio] computes
+    it for any configuration). A high ratio is the point of HMP: E-MIM's Fig. 2 shows the
+    collapsed-loss floor Var(x_m) rising with the masked fraction.
+
+    Args:
+        modal: a [`ModalMask`][mrissl.masking.ModalMask], an int (``ModalMask(num_masked=k)``)
+            or ``None``.
+        position: a [`PositionMask`][mrissl.masking.PositionMask], a float
+            (``PositionMask(r)``) or ``None``.
+        patch: a [`PatchMask`][mrissl.masking.PatchMask], a float (``PatchMask(r)``) or
+            ``None``.
+
+    Raises:
+        ValueError: if every step is off, or for a bad step argument; when sampling, for too
+            few modalities for the modal or patch step.
+        TypeError: for a step of the wrong type.
+
+    Examples:
+        >>> g = torch.Generator().manual_seed(0)
+        >>> hmp = HybridMaskPattern()
+        >>> mask = hmp.sample(8, 4, (6, 6, 6), generator=g)  # (B, C, N)
+        >>> mask.shape, hmp.expected_mask_ratio(4, 216)
+        (torch.Size([8, 4, 216]), 0.8125)
+        >>> mask.sum(dim=(1, 2)).tolist()  # 0.8125 · 4 · 216 = 702 in every sample
+        [702, 702, 702, 702, 702, 702, 702, 702]
+        >>> bool(mask.all(dim=2).any(dim=1).all())  # a whole modality per sample (step 1)
+        True
+        >>> rows = HybridMaskPattern(modal=None), HybridMaskPattern(position=0.25, patch=None)
+        >>> [r.steps for r in rows]
+        [('position', 'patch'), ('modal', 'position')]
+    """
+
+    def __init__(
+        self,
+        modal: ModalMask | int | None = 1,
+        position: PositionMask | float | None = 0.5,
+        patch: PatchMask | float | None = 0.5,
+    ) -> None:
+        self.modal = _as_step(modal, ModalMask, "modal", int)
+        self.position = _as_step(position, PositionMask, "position", float)
+        self.patch = _as_step(patch, PatchMask, "patch", float)
+        if self.modal is None and self.position is None and self.patch is None:
+            raise ValueError(
+                "HybridMaskPattern needs at least one of modal, position, patch; got all None "
+                "(for plain MAE masking use RandomTokenMask)"
+            )
+
+    @property
+    def steps(self) -> tuple[str, ...]:
+        """The names of the steps switched on, in the order they run."""
+        named = (("modal", self.modal), ("position", self.position), ("patch", self.patch))
+        return tuple(name for name, step in named if step is not None)
+
+    def _min_modalities(self) -> int:
+        need = [1]
+        if self.modal is not None:
+            need.append(self.modal._min_modalities())
+        if self.patch is not None:
+            need.append(self.patch._min_modalities())
+        return max(need)
+
+    def _needs_why(self) -> str:
+        if self.modal is not None and self.modal._min_modalities() > 1:
+            return f"its modal step: {self.modal._needs_why()}"
+        return "its patch step hides some modalities of a position and keeps others"
+
+    def expected_mask_ratio(self, num_modalities: int, num_tokens: int) -> float:
+        """Expected fraction of masked tokens with all modalities present.
+
+        With ``m`` modalities masked by step 1, ``P = floor(N · r_pos)`` positions by step 2
+        and ``K`` patches by step 3 over the ``N - P`` remaining positions with ``V = C - m``
+        visible modalities each, the number of masked tokens is ``m·N + P·(C - m) + K``,
+        averaged over the distribution of ``m`` and divided by ``C·N``. Step 3 gives a fixed
+        ``K`` for given ``m``, so with ``ModalMask(num_masked=...)`` the ratio is exact.
+
+        Examples:
+            >>> HybridMaskPattern().expected_mask_ratio(4, 216)
+            0.8125
+            >>> HybridMaskPattern(patch=None).expected_mask_ratio(4, 216)
+            0.625
+        """
+        C, N = _check_grid_args(num_modalities, num_tokens)
+        m_dist = {0: 1.0} if self.modal is None else self.modal._count_distribution(C)
+        P = 0 if self.position is None else _count(N, self.position.mask_ratio)
+        total = 0.0
+        for m, prob in m_dist.items():
+            K = 0.0 if self.patch is None else _expected_hidden(self.patch.mask_ratio, C - m, N - P)
+            total += prob * (m * N + P * (C - m) + K)
+        return total / (C * N)
+
+    def _sample(
+        self,
+        B: int,
+        C: int,
+        N: int,
+        available: torch.Tensor | None,
+        generator: torch.Generator | None,
+        device: torch.device,
+    ) -> torch.Tensor:
+        mask = torch.zeros(B, C, N, dtype=torch.bool, device=device)
+        if self.modal is not None:
+            mask |= self.modal._draw(B, C, available, generator, device)[:, :, None]
+        if self.position is not None:
+            mask |= self.position._draw(B, N, generator, device)[:, None, :]
+        if self.patch is not None:
+            # step 3 acts on what steps 1 and 2 left visible; position-masked columns are
+            # all hidden, so it leaves them alone
+            visible = ~mask
+            if available is not None:
+                visible &= available[:, :, None]
+            mask |= self.patch._draw(visible, generator)
+        return mask
+
+
+def _as_step(value: Any, cls: type[Any], name: str, number: type) -> Any:
+    if value is None or isinstance(value, cls):
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(
+            f"{name} must be a {cls.__name__}, a number or None, got {type(value).__name__}"
+        )
+    if number is int and not isinstance(value, int):
+        raise TypeError(f"{name} as a number must be an int (modalities to mask), got {value!r}")
+    return cls(value)

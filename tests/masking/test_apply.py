@@ -1,0 +1,292 @@
+"""mask_to_voxels, voxels_to_mask, keep_indices, apply_mask and cross_modal_fill."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mrissl.masking import (
+    BlockMask,
+    HybridMaskPattern,
+    apply_mask,
+    cross_modal_fill,
+    keep_indices,
+    mask_to_voxels,
+    voxels_to_mask,
+)
+from mrissl.nn import gather_tokens, scatter_tokens
+
+
+def reference_voxels(mask, patch, size):
+    """Loop over every voxel: its token is (z // p0, y // p1, x // p2) in raster order."""
+    B, C, _ = mask.shape
+    D, H, W = size
+    gh, gw = H // patch[1], W // patch[2]
+    out = np.zeros((B, C, D, H, W), dtype=bool)
+    for z in range(D):
+        for y in range(H):
+            for x in range(W):
+                n = (z // patch[0]) * gh * gw + (y // patch[1]) * gw + x // patch[2]
+                out[:, :, z, y, x] = mask[:, :, n]
+    return out
+
+
+def test_mask_to_voxels_matches_a_voxel_loop():
+    patch, size = (2, 3, 4), (4, 6, 8)
+    mask = torch.rand(2, 3, 8) < 0.5
+    got = mask_to_voxels(mask, patch, size)
+    assert np.array_equal(got.numpy(), reference_voxels(mask.numpy(), patch, size))
+
+
+def test_per_position_mask_gives_one_voxel_channel():
+    mask = torch.tensor([[True, False]])
+    assert mask_to_voxels(mask, 2, (2, 2, 4)).shape == (1, 1, 2, 2, 4)
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.integers(1, 3), st.integers(1, 3), st.sampled_from(["any", "all", "majority"]))
+def test_voxels_to_mask_inverts_mask_to_voxels(B, C, rule):
+    mask = torch.rand(B, C, 2 * 3 * 1) < 0.5
+    voxels = mask_to_voxels(mask, (2, 2, 4), (4, 6, 4))
+    assert torch.equal(voxels_to_mask(voxels, (2, 2, 4), rule=rule), mask)
+
+
+def test_voxels_to_mask_rules():
+    vox = torch.zeros(1, 1, 2, 2, 2, dtype=torch.bool)
+    vox[0, 0, 0] = True  # 4 of 8 voxels
+    assert voxels_to_mask(vox, 2).item()
+    assert not voxels_to_mask(vox, 2, rule="all").item()
+    assert not voxels_to_mask(vox, 2, rule="majority").item()
+    vox[0, 0, 1, 0, 0] = True  # 5 of 8
+    assert voxels_to_mask(vox, 2, rule="majority").item()
+    with pytest.raises(ValueError, match="rule"):
+        voxels_to_mask(vox, 2, rule="most")
+
+
+# --- keep_indices ---------------------------------------------------------------------------
+
+
+def test_keep_indices_follow_the_per_modality_token_order():
+    mask = HybridMaskPattern().sample(3, 4, 27, generator=torch.Generator().manual_seed(0))
+    keep, restore, padding = keep_indices(mask)
+    flat = mask.flatten(1)  # token c·N + n
+    for b in range(3):
+        assert keep[b].tolist() == [i for i in range(4 * 27) if not flat[b, i]]
+    assert not padding.any()
+    tokens = torch.randn(3, 4 * 27, 5)
+    kept = gather_tokens(tokens, keep)
+    assert not gather_tokens(flat[..., None], keep).any()
+    # MAE's ids_restore: [kept, masked] gathered with restore is the original order
+    masked_part = gather_tokens(tokens, torch.argsort(flat.to(torch.uint8), dim=1, stable=True))
+    assert torch.equal(gather_tokens(masked_part, restore), tokens)
+    full = scatter_tokens(kept, keep, 4 * 27, fill=0.0)
+    assert torch.equal(full[~flat], tokens[~flat])
+
+
+def test_keep_indices_refuses_ragged_counts_without_padding():
+    mask = torch.tensor([[True, False, False], [True, True, False]])
+    with pytest.raises(ValueError, match="pad=True"):
+        keep_indices(mask)
+    keep, restore, padding = keep_indices(mask, pad=True)
+    assert keep.tolist() == [[1, 2], [2, 0]]
+    assert padding.tolist() == [[False, False], [False, True]]
+    assert restore.tolist() == [[2, 0, 1], [1, 2, 0]]
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 4), st.integers(1, 20), st.data())
+def test_padded_keep_indices_hold_every_kept_token_once(B, L, data):
+    rows = data.draw(
+        st.lists(st.lists(st.booleans(), min_size=L, max_size=L), min_size=B, max_size=B)
+    )
+    mask = torch.tensor(rows, dtype=torch.bool)
+    keep, restore, padding = keep_indices(mask, pad=True)
+    for b in range(B):
+        real = keep[b][~padding[b]].tolist()
+        assert real == [i for i in range(L) if not rows[b][i]]
+        assert all(rows[b][i] for i in keep[b][padding[b]].tolist())
+    assert torch.equal(torch.argsort(restore, dim=1)[:, : keep.shape[1]], keep)
+
+
+# --- apply_mask ---------------------------------------------------------------------------------
+
+
+def reference_apply(x, voxel_mask, fill_values):
+    out = x.copy()
+    out[voxel_mask] = fill_values[voxel_mask]
+    return out
+
+
+@pytest.fixture
+def batch():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 8, 8, 16, generator=g)
+    mask = HybridMaskPattern().sample(2, 3, (2, 2, 4), generator=g)
+    return x, mask, mask_to_voxels(mask, 4, (8, 8, 16))
+
+
+def test_apply_mask_constant_fill_matches_reference(batch, device):
+    x, mask, vox = batch
+    got = apply_mask(x.to(device), mask.to(device), 4, fill=-1.5).cpu()
+    ref = reference_apply(x.numpy(), vox.numpy(), np.full(x.shape, -1.5, dtype=np.float32))
+    assert np.array_equal(got.numpy(), ref)
+    assert torch.equal(apply_mask(x, mask, 4), apply_mask(x, vox, fill=0.0))
+
+
+def test_apply_mask_mean_fill_uses_the_unmasked_voxels_of_each_case_and_modality(batch):
+    x, mask, vox = batch
+    got = apply_mask(x, mask, 4, fill="mean")
+    xn, vn = x.numpy(), vox.numpy()
+    means = np.zeros(x.shape, dtype=np.float32)
+    for b in range(2):
+        for c in range(3):
+            visible = xn[b, c][~vn[b, c]]
+            means[b, c] = visible.mean() if visible.size else 0.0
+    assert np.allclose(got.numpy(), reference_apply(xn, vn, means), atol=1e-6)
+    assert torch.allclose(got, apply_mask(x, vox, fill="mean"), atol=1e-6)
+
+
+def test_apply_mask_noise_fill_matches_visible_statistics_and_is_seeded():
+    x = torch.rand(1, 2, 16, 16, 16) * torch.tensor([1.0, 5.0]).view(1, 2, 1, 1, 1) + 3
+    mask = torch.zeros(1, 2, 8, dtype=torch.bool)
+    mask[:, :, :4] = True
+    a = apply_mask(x, mask, 8, fill="noise", generator=torch.Generator().manual_seed(0))
+    b = apply_mask(x, mask, 8, fill="noise", generator=torch.Generator().manual_seed(0))
+    assert torch.equal(a, b)
+    vox = mask_to_voxels(mask, 8, 16)
+    for c in range(2):
+        visible = x[0, c][~vox[0, c]]
+        noise = a[0, c][vox[0, c]]
+        assert noise.mean().item() == pytest.approx(visible.mean().item(), abs=0.05 * (c * 4 + 1))
+        assert noise.std().item() == pytest.approx(visible.std().item(), rel=0.05)
+    assert torch.equal(a[~vox], x[~vox])
+
+
+def test_apply_mask_tensor_fill_and_gradients(batch):
+    x, mask, vox = batch
+    template = torch.randn(1, 3, 8, 8, 16, requires_grad=True)
+    xg = x.clone().requires_grad_(True)
+    out = apply_mask(xg, mask, 4, fill=template)
+    ref = torch.where(vox, template.detach().expand_as(x), x)
+    assert torch.equal(out.detach(), ref)
+    out.sum().backward()
+    assert torch.equal(template.grad[0], vox.sum(dim=0).float())
+    assert torch.equal(xg.grad, (~vox).float())
+
+
+def test_apply_mask_per_position_mask_hides_every_modality():
+    x = torch.ones(1, 3, 4, 4, 4)
+    out = apply_mask(x, torch.tensor([[True] + [False] * 7]), 2)
+    assert (out[:, :, :2, :2, :2] == 0).all()
+    assert out.sum() == 3 * (64 - 8)
+
+
+def test_apply_mask_keeps_the_dtype_under_autocast():
+    x = torch.rand(1, 2, 8, 8, 8, dtype=torch.bfloat16)
+    mask = torch.ones(1, 2, 8, dtype=torch.bool)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = apply_mask(x, mask, 4, fill="noise")
+    assert out.dtype == torch.bfloat16
+    assert torch.isfinite(out).all()
+
+
+def test_apply_mask_errors(batch):
+    x, mask, _ = batch
+    with pytest.raises(ValueError, match="needs patch_size"):
+        apply_mask(x, mask)
+    with pytest.raises(TypeError, match="bool"):
+        apply_mask(x, mask.float(), 4)
+    with pytest.raises(ValueError, match="tokens"):
+        apply_mask(x, mask, 2)
+    with pytest.raises(ValueError, match="fill"):
+        apply_mask(x, mask, 4, fill="median")
+    with pytest.raises(ValueError, match="broadcast"):
+        apply_mask(x, mask, 4, fill=torch.zeros(5))
+    with pytest.raises(TypeError, match="floating"):
+        apply_mask(x.long(), mask, 4)
+    with pytest.raises(ValueError, match="batch size"):
+        apply_mask(x, mask[:1], 4)
+
+
+# --- cross_modal_fill -------------------------------------------------------------------------
+
+
+def reference_cross_fill(x, vox, source, fallback):
+    out = x.copy()
+    B, C = source.shape
+    for b in range(B):
+        for c in range(C):
+            s = source[b, c]
+            fill = x[b, s] if s >= 0 else np.full(x.shape[2:], fallback, dtype=x.dtype)
+            out[b, c][vox[b, c]] = fill[vox[b, c]]
+    return out
+
+
+@pytest.mark.parametrize("ratio", [0.3, 0.875])  # both code paths: mostly kept, mostly masked
+def test_cross_modal_fill_matches_reference(ratio, device):
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(3, 4, 8, 8, 8, generator=g)
+    available = torch.tensor([[True] * 4, [True, False, True, True], [False, False, True, False]])
+    mask = BlockMask(4, ratio).sample(3, 4, 8, available=available, generator=g)
+    gd = torch.Generator(device).manual_seed(1)
+    filled, source = cross_modal_fill(
+        x.to(device), mask.to(device), 4, available=available, generator=gd, fallback=-1.0
+    )
+    vox = mask_to_voxels(mask, 4, 8).numpy()
+    ref = reference_cross_fill(x.numpy(), vox, source.cpu().numpy(), -1.0)
+    assert np.array_equal(filled.cpu().numpy(), ref)
+    # voxel-mask input gives the same result for the same sources
+    vfilled, vsource = cross_modal_fill(
+        x, torch.from_numpy(vox), available=available, generator=torch.Generator().manual_seed(1)
+    )
+    if device.type == "cpu":
+        assert torch.equal(vsource, source)
+        assert torch.equal(
+            vfilled, torch.from_numpy(reference_cross_fill(x.numpy(), vox, vsource.numpy(), 0.0))
+        )
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 5), st.integers(1, 5), st.data())
+def test_missing_modality_is_never_a_source(B, C, data):
+    rows = st.lists(st.booleans(), min_size=C, max_size=C).filter(any)
+    available = torch.tensor(data.draw(st.lists(rows, min_size=B, max_size=B)), dtype=torch.bool)
+    x = torch.zeros(B, C, 2, 2, 2)
+    mask = torch.ones(B, C, 1, dtype=torch.bool)
+    _, source = cross_modal_fill(x, mask, 2, available=available)
+    for b in range(B):
+        present = int(available[b].sum())
+        for c in range(C):
+            s = int(source[b, c])
+            if available[b, c] and present >= 2:
+                assert s != c
+                assert available[b, s]
+            else:
+                assert s == -1
+
+
+def test_sources_are_uniform_among_the_other_modalities():
+    x = torch.zeros(3000, 4, 2, 2, 2)
+    mask = torch.ones(3000, 4, 1, dtype=torch.bool)
+    _, source = cross_modal_fill(x, mask, 2, generator=torch.Generator().manual_seed(0))
+    counts = torch.bincount(source[:, 0], minlength=4).float() / 3000
+    assert counts[0] == 0
+    assert torch.allclose(counts[1:], torch.full((3,), 1 / 3), atol=0.03)
+
+
+def test_cross_modal_fill_errors():
+    x = torch.zeros(1, 2, 4, 4, 4)
+    with pytest.raises(ValueError, match="needs patch_size"):
+        cross_modal_fill(x, torch.ones(1, 2, 8, dtype=torch.bool))
+    with pytest.raises(ValueError, match="voxel mask"):
+        cross_modal_fill(x, torch.ones(1, 2, 4, 4, 2, dtype=torch.bool))
+    with pytest.raises(ValueError, match="available"):
+        cross_modal_fill(
+            x,
+            torch.ones(1, 2, 8, dtype=torch.bool),
+            2,
+            available=torch.ones(1, 3, dtype=torch.bool),
+        )

@@ -1,0 +1,248 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from mrissl.cli import CLIError, main, parse_mask_spec
+from mrissl.masking import BlockMask, HybridMaskPattern, ModalMask, PatchMask, RandomTokenMask
+
+SMALL = ["--crop", "16", "--patch-size", "4", "--num-draws", "4", "--quiet"]
+
+
+def _write_cases(root, n=3, shape=(20, 18, 16), modalities=("t1n", "t2f"), seed=0):
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        case = root / f"BraTS-{i:04d}"
+        case.mkdir()
+        for m in modalities:
+            data = rng.random(shape, dtype=np.float32) * 100
+            nib.save(nib.Nifti1Image(data, np.eye(4)), case / f"BraTS-{i:04d}-{m}.nii.gz")
+    return root
+
+
+def _run_json(capsys, argv):
+    code = main(argv)
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    return json.loads(out)
+
+
+@pytest.mark.parametrize(
+    ("spec", "cls"),
+    [
+        ("random:0.75", RandomTokenMask),
+        ("random-each:0.5", RandomTokenMask),
+        ("hmp", HybridMaskPattern),
+        ("hmp:1,0.5,-", HybridMaskPattern),
+        ("modal", ModalMask),
+        ("modal:2", ModalMask),
+        ("patch:0.5", PatchMask),
+        ("block:0.875", BlockMask),
+    ],
+)
+def test_mask_specs_build_their_generators(spec, cls):
+    parsed = parse_mask_spec(spec, 16)
+    assert isinstance(parsed.generator, cls)
+    assert parsed.patch_size == (None if cls is BlockMask else 16)
+
+
+def test_mask_spec_arguments_reach_the_generators():
+    assert parse_mask_spec("random-each:0.5", 16).generator.shared_across_modalities is False
+    hmp = parse_mask_spec("hmp:2,0.25,-", 16).generator
+    assert hmp.patch is None
+    assert hmp.position.mask_ratio == 0.25
+    assert hmp.modal.num_masked == 2
+    block = parse_mask_spec("block:0.5:4", 16).generator
+    assert block.mask_ratio == 0.5
+
+
+@pytest.mark.parametrize(
+    "spec", ["random", "random:1.5", "random:x", "hmp:1,2", "block", "cubes:0.5", "modal:0"]
+)
+def test_bad_mask_specs_are_user_errors(spec):
+    with pytest.raises(CLIError, match="--mask"):
+        parse_mask_spec(spec, 16)
+
+
+def test_collapse_check_on_a_folder_reports_every_mask_and_modality(tmp_path, capsys):
+    _write_cases(tmp_path)
+    report = _run_json(
+        capsys,
+        [
+            "collapse-check",
+            str(tmp_path),
+            "--modalities",
+            "t1",
+            "flair",
+            "--json",
+            "--mask",
+            "random:0.5",
+            "--mask",
+            "hmp",
+            *SMALL,
+        ],
+    )
+    assert report["shape"] == [2, 16, 16, 16]
+    assert report["modalities"] == ["t1", "flair"]
+    assert [r["mask"] for r in report["results"]] == ["random:0.5", "hmp"]
+    for r in report["results"]:
+        assert set(r["per_modality"]) == {"t1", "flair"}
+        assert r["floor"] > 0
+        assert r["std_error"] >= 0
+        # percentile-scaled uniform noise has a per-voxel variance near 1/12 across cases
+        assert 0.02 < r["floor"] < 0.15
+        assert r["verdict"] == "ok"
+
+
+def test_verdict_follows_the_reference_loss(tmp_path, capsys):
+    _write_cases(tmp_path)
+    argv = [
+        "collapse-check",
+        str(tmp_path),
+        "--modalities",
+        "t1n",
+        "t2f",
+        "--json",
+        "--mask",
+        "random:0.5",
+        *SMALL,
+    ]
+    assert _run_json(capsys, [*argv, "--reference-loss", "10"])["results"][0]["verdict"] == (
+        "COLLAPSE RISK"
+    )
+    assert _run_json(capsys, [*argv, "--reference-loss", "1e-6"])["results"][0]["verdict"] == "ok"
+
+
+def test_collapse_check_table_is_printed_by_default(tmp_path, capsys):
+    _write_cases(tmp_path)
+    code = main(
+        [
+            "collapse-check",
+            str(tmp_path),
+            "--modalities",
+            "t1",
+            "flair",
+            "--mask",
+            "block:0.5:4",
+            *SMALL,
+        ]
+    )
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "Var(x_m)" in out
+    assert "block:0.5:4" in out
+    assert "reference converged loss" in out
+
+
+def test_demo_runs_on_the_phantom(capsys):
+    report = _run_json(
+        capsys,
+        [
+            "collapse-check",
+            "--demo",
+            "--json",
+            "--phantom-cases",
+            "3",
+            "--crop",
+            "32",
+            "--patch-size",
+            "8",
+            "--num-draws",
+            "3",
+            "--mask",
+            "random:0.75",
+            "--quiet",
+        ],
+    )
+    assert "phantom" in report["source"]
+    assert report["shape"] == [4, 32, 32, 32]
+    assert 0 < report["results"][0]["floor"] < 1
+
+
+def _error_line(capsys, argv):
+    code = main(argv)
+    captured = capsys.readouterr()
+    assert code == 2
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, captured.err
+    assert "Traceback" not in captured.err
+    return lines[0]
+
+
+def test_missing_folder_is_exit_code_2(tmp_path, capsys):
+    line = _error_line(capsys, ["collapse-check", str(tmp_path / "nope"), "--quiet"])
+    assert "does not exist" in line
+
+
+def test_no_cases_is_exit_code_2(tmp_path, capsys):
+    (tmp_path / "readme.txt").write_text("no images here")
+    line = _error_line(capsys, ["collapse-check", str(tmp_path), "--quiet"])
+    assert "no complete cases" in line
+
+
+def test_unreadable_file_is_named(tmp_path, capsys):
+    _write_cases(tmp_path, n=2)
+    bad = tmp_path / "BraTS-0001" / "BraTS-0001-t1n.nii.gz"
+    bad.write_bytes(b"not a nifti file at all")
+    line = _error_line(
+        capsys, ["collapse-check", str(tmp_path), "--modalities", "t1", "flair", *SMALL]
+    )
+    assert "BraTS-0001" in line
+
+
+def test_unknown_modality_is_exit_code_2(capsys):
+    line = _error_line(capsys, ["collapse-check", "--demo", "--modalities", "t7", "--quiet"])
+    assert "--modalities" in line
+
+
+def test_rank_of_features_with_equal_singular_values(tmp_path, capsys):
+    q, _ = torch.linalg.qr(torch.randn(200, 200, dtype=torch.float64))
+    z = q[:, :5] @ torch.linalg.qr(torch.randn(32, 32, dtype=torch.float64))[0][:5] * 3.0
+    torch.save(z, tmp_path / "z.pt")
+    report = _run_json(capsys, ["rank", str(tmp_path / "z.pt"), "--json", "--no-center"])
+    assert report["effective_rank"] == pytest.approx(5.0, abs=1e-9)
+    assert report["samples"] == 200
+    assert report["dim"] == 32
+
+
+def test_rank_reads_numpy_and_dicts(tmp_path, capsys):
+    z = np.random.default_rng(0).standard_normal((64, 8))
+    np.save(tmp_path / "z.npy", z)
+    np.savez(tmp_path / "z.npz", feats=z, other=z[:, :2])
+    torch.save({"feats": torch.from_numpy(z)}, tmp_path / "d.pt")
+    a = _run_json(capsys, ["rank", str(tmp_path / "z.npy"), "--json"])["effective_rank"]
+    b = _run_json(capsys, ["rank", str(tmp_path / "z.npz"), "--key", "feats", "--json"])
+    c = _run_json(capsys, ["rank", str(tmp_path / "d.pt"), "--json"])
+    assert a == pytest.approx(b["effective_rank"]) == pytest.approx(c["effective_rank"])
+    assert "--key" in _error_line(capsys, ["rank", str(tmp_path / "z.npz")])
+
+
+class _Payload:
+    pass
+
+
+def test_rank_never_unpickles_arbitrary_objects(tmp_path, capsys):
+    torch.save(_Payload(), tmp_path / "evil.pt")
+    line = _error_line(capsys, ["rank", str(tmp_path / "evil.pt")])
+    assert "cannot read features" in line
+
+
+def test_rank_plot_is_written(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    torch.save(torch.randn(50, 6), tmp_path / "z.pt")
+    assert main(["rank", str(tmp_path / "z.pt"), "--plot", str(tmp_path / "s.png")]) == 0
+    capsys.readouterr()
+    assert (tmp_path / "s.png").stat().st_size > 1000
+
+
+def test_python_dash_m_runs_the_command():
+    out = subprocess.run(
+        [sys.executable, "-m", "mrissl", "--version"], capture_output=True, text=True, check=True
+    )
+    assert out.stdout.startswith("mrissl ")
