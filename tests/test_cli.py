@@ -246,3 +246,39 @@ def test_python_dash_m_runs_the_command():
         [sys.executable, "-m", "mrissl", "--version"], capture_output=True, text=True, check=True
     )
     assert out.stdout.startswith("mrissl ")
+
+
+def test_templates_export_writes_one_nifti_per_modality(tmp_path, capsys):
+    from mrissl.templates import ModalityTemplates
+
+    model = torch.nn.Module()
+    model.templates = ModalityTemplates(["t1", "flair"], (6, 5, 4), init=0.25)
+    torch.save({"model": model.state_dict(), "epoch": 3}, tmp_path / "ckpt.pt")
+    code = main(
+        [
+            "templates",
+            "export",
+            str(tmp_path / "ckpt.pt"),
+            str(tmp_path / "out"),
+            "--spacing",
+            "2",
+            "2",
+            "3",
+        ]
+    )
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "2 templates" in out
+    t1 = nib.load(tmp_path / "out" / "t1.nii.gz")
+    assert t1.shape == (6, 5, 4)
+    np.testing.assert_allclose(t1.get_fdata(), 0.25)
+    np.testing.assert_allclose(np.diag(t1.affine), [2.0, 2.0, 3.0, 1.0])
+    assert (tmp_path / "out" / "flair.nii.gz").exists()
+
+
+def test_templates_export_errors_are_one_line(tmp_path, capsys):
+    torch.save({"weight": torch.zeros(3)}, tmp_path / "other.pt")
+    line = _error_line(capsys, ["templates", "export", str(tmp_path / "other.pt"), str(tmp_path)])
+    assert "templates" in line
+    line = _error_line(capsys, ["templates", "export", str(tmp_path / "none.pt"), str(tmp_path)])
+    assert "does not exist" in line

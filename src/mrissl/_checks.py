@@ -85,3 +85,40 @@ def check_index(index: torch.Tensor, name: str, batch: int, length: int) -> torc
                 f"{name} must hold token positions in [0, {length}), got values in [{lo}, {hi}]"
             )
     return index
+
+
+def check_generator(generator: torch.Generator | None, device: torch.device) -> None:
+    """Check that a random generator is a ``torch.Generator`` on ``device``'s type."""
+    if generator is None:
+        return
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator)}")
+    if generator.device.type != device.type:
+        raise ValueError(
+            f"generator is on {generator.device} but the mask is made on {device}: pass a "
+            f"torch.Generator(device={device.type!r}) for {device.type} tensors"
+        )
+
+
+def check_available(
+    available: Any, batch_size: int, num_modalities: int, device: torch.device
+) -> torch.Tensor | None:
+    """Validate ``available: (B, C)`` bool with at least one True per row; move it to ``device``."""
+    if available is None:
+        return None
+    avail = check_tensor(available, "available", ndim=2)
+    if avail.dtype != torch.bool:
+        raise TypeError(f"available must be a bool tensor, got dtype {avail.dtype}")
+    if tuple(avail.shape) != (batch_size, num_modalities):
+        raise ValueError(
+            f"available must have shape (B, C) = ({batch_size}, {num_modalities}), "
+            f"got {tuple(avail.shape)}"
+        )
+    avail = avail.to(device)
+    empty = ~avail.any(dim=1)
+    if bool(empty.any()):
+        cases = empty.nonzero().flatten().tolist()
+        raise ValueError(
+            f"available must mark at least one modality per case; cases {cases} have none"
+        )
+    return avail

@@ -5,6 +5,7 @@
   would reach, next to the loss a healthy model converges to. Without a folder it runs on the
   built-in synthetic phantom.
 * ``mrissl rank FILE``: singular value spectrum, effective rank and RankMe of saved features.
+* ``mrissl templates export CHECKPOINT FOLDER``: learned modality templates to NIfTI files.
 
 Every failure the user can cause (a missing folder, no cases, an unreadable file, a bad mask
 specification) ends with exit code 2 and one line on stderr, never a traceback.
@@ -407,6 +408,37 @@ def _rank(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- templates
+
+
+def _templates_export(args: argparse.Namespace) -> int:
+    from mrissl.templates import ModalityTemplates
+
+    checkpoint = Path(args.checkpoint)
+    if not checkpoint.is_file():
+        raise CLIError(f"checkpoint {str(checkpoint)!r} does not exist")
+    try:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    except Exception as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else repr(err)
+        raise CLIError(f"cannot read checkpoint {str(checkpoint)!r}: {first_line}") from None
+    if not isinstance(state, dict):
+        raise CLIError(f"{str(checkpoint)!r} holds a {type(state).__name__}, not a state_dict")
+    affine = None
+    if args.spacing is not None:
+        affine = torch.diag(torch.tensor([*args.spacing, 1.0], dtype=torch.float64))
+    try:
+        templates = ModalityTemplates.from_state_dict(state, prefix=args.prefix)
+        paths = templates.to_nifti(args.folder, affine=affine, normalised=not args.raw)
+    except (ValueError, OSError) as err:
+        raise CLIError(str(err).strip().splitlines()[0]) from None
+    shape = "×".join(str(s) for s in templates.shape)
+    print(f"wrote {len(paths)} templates of {shape} voxels to {args.folder}:")
+    for path in paths:
+        print(f"  {path}")
+    return 0
+
+
 # --------------------------------------------------------------------------- entry point
 
 
@@ -497,6 +529,33 @@ def _parser() -> argparse.ArgumentParser:
     rk.add_argument("--plot", metavar="PNG", help="save a log-scale spectrum plot (extra 'plot')")
     rk.add_argument("--json", action="store_true", help="print a JSON report")
     rk.set_defaults(run=_rank)
+
+    tp = sub.add_parser("templates", help="BrainMVP learnable modality templates")
+    tsub = tp.add_subparsers(dest="templates_command", metavar="COMMAND", required=True)
+    ex = tsub.add_parser(
+        "export",
+        help="write the templates of a checkpoint as NIfTI files",
+        description=(
+            "Find the learnable modality templates (BrainMVP's modality-wise data "
+            "distillation, mrissl.templates.ModalityTemplates) in a checkpoint saved with "
+            "torch.save (read with weights_only=True) and write one <modality>.nii.gz per "
+            "modality, with the modality names and order in each header."
+        ),
+    )
+    ex.add_argument("checkpoint", help="a state_dict, or a dict nesting one, saved with torch.save")
+    ex.add_argument("folder", help="output folder (created if needed)")
+    ex.add_argument("--prefix", help="the templates' key prefix when there are several")
+    ex.add_argument(
+        "--spacing",
+        nargs=3,
+        type=float,
+        metavar=("SD", "SH", "SW"),
+        help="voxel size in mm for the affine (default: the affine stored with the templates)",
+    )
+    ex.add_argument(
+        "--raw", action="store_true", help="write the raw parameters, not the normalised values"
+    )
+    ex.set_defaults(run=_templates_export)
     return parser
 
 

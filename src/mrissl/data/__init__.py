@@ -17,6 +17,7 @@ from mrissl.data.phantom import (
     synthetic_phantom,
 )
 from mrissl.data.preprocessing import LoadCased, preprocessing
+from mrissl.data.template_transforms import TemplateMixd
 
 __all__ = [
     "PHANTOM_LABELS",
@@ -33,6 +34,7 @@ __all__ = [
     "RandHybridMaskd",
     "RandMaskd",
     "RandTokenMaskd",
+    "TemplateMixd",
     "Tissue",
     "find_cases",
     "load_case",

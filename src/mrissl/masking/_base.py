@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from mrissl._checks import check_tensor, to_triple
+from mrissl._checks import check_available, check_generator, check_tensor, to_triple
 from mrissl.nn import grid_size
 
 __all__ = ["MaskGenerator", "target_mask"]
@@ -74,44 +74,8 @@ def _resolve_device(
         dev = generator.device if generator is not None else torch.device("cpu")
     else:
         dev = torch.device(device)
-    _check_generator(generator, dev)
+    check_generator(generator, dev)
     return dev
-
-
-def _check_generator(generator: torch.Generator | None, device: torch.device) -> None:
-    if generator is None:
-        return
-    if not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator)}")
-    if generator.device.type != device.type:
-        raise ValueError(
-            f"generator is on {generator.device} but the mask is made on {device}: pass a "
-            f"torch.Generator(device={device.type!r}) for {device.type} tensors"
-        )
-
-
-def _check_available(
-    available: Any, batch_size: int, num_modalities: int, device: torch.device
-) -> torch.Tensor | None:
-    """Validate ``available: (B, C)`` bool with at least one True per row; move it to ``device``."""
-    if available is None:
-        return None
-    avail = check_tensor(available, "available", ndim=2)
-    if avail.dtype != torch.bool:
-        raise TypeError(f"available must be a bool tensor, got dtype {avail.dtype}")
-    if tuple(avail.shape) != (batch_size, num_modalities):
-        raise ValueError(
-            f"available must have shape (B, C) = ({batch_size}, {num_modalities}), "
-            f"got {tuple(avail.shape)}"
-        )
-    avail = avail.to(device)
-    empty = ~avail.any(dim=1)
-    if bool(empty.any()):
-        cases = empty.nonzero().flatten().tolist()
-        raise ValueError(
-            f"available must mark at least one modality per case; cases {cases} have none"
-        )
-    return avail
 
 
 def _rand(
@@ -247,7 +211,7 @@ class MaskGenerator(ABC):
             )
         N = _num_tokens(grid)
         dev = _resolve_device(device, generator)
-        avail = _check_available(available, B, C, dev)
+        avail = check_available(available, B, C, dev)
         mask = self._sample(B, C, N, avail, generator, dev)
         return _mask_missing(mask, avail)
 

@@ -14,8 +14,15 @@ from typing import Literal, NamedTuple
 
 import torch
 
-from mrissl._checks import Triple, check_floating, check_tensor, to_triple
-from mrissl.masking._base import _check_available, _check_generator, _rand
+from mrissl._checks import (
+    Triple,
+    check_available,
+    check_floating,
+    check_generator,
+    check_tensor,
+    to_triple,
+)
+from mrissl.masking._base import _rand
 from mrissl.nn import grid_size
 
 __all__ = [
@@ -351,7 +358,7 @@ def apply_mask(
         if fill == "mean":
             out = torch.where(m, mean.to(volume.dtype).view(stat_shape), vol)
         else:
-            _check_generator(generator, volume.device)
+            check_generator(generator, volume.device)
             noise = torch.randn(vol.shape, generator=generator, device=volume.device)
             noise = noise * std.view(stat_shape) + mean.view(stat_shape)
             out = torch.where(m, noise.to(volume.dtype), vol)
@@ -434,8 +441,8 @@ def cross_modal_fill(
     _check_bool(mask, "mask")
     B, C, D, H, W = volume.shape
     device = volume.device
-    _check_generator(generator, device)
-    avail = _check_available(available, B, C, device)
+    check_generator(generator, device)
+    avail = check_available(available, B, C, device)
     if avail is None:
         avail = torch.ones(B, C, dtype=torch.bool, device=device)
     source = _choose_sources(avail, generator, device)

@@ -20,10 +20,9 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from mrissl._checks import Triple, to_triple
+from mrissl._checks import Triple, check_available, to_triple
 from mrissl.masking._base import (
     MaskGenerator,
-    _check_available,
     _check_grid_args,
     _check_int,
     _check_ratio,
@@ -159,7 +158,7 @@ class BlockMask(MaskGenerator):
         if until not in ("covered", "counted"):
             raise ValueError(f"until must be 'covered' or 'counted', got {until!r}")
         dev = _resolve_device(device, generator)
-        avail = _check_available(available, B, C, dev)
+        avail = check_available(available, B, C, dev)
         V = size[0] * size[1] * size[2]
         cube = self.block_size[0] * self.block_size[1] * self.block_size[2]
         if until == "counted":

@@ -1,0 +1,148 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mrissl.data.template_transforms import TemplateMixd
+from mrissl.masking import BlockMask, mask_to_voxels
+from mrissl.templates import ModalityTemplates, TemplateMix
+
+MODS = ["t1", "t1ce", "t2", "flair"]
+
+
+def _templates(C=4, size=12):
+    # template c is the constant -(c + 1): every replaced voxel says where it came from
+    init = -torch.arange(1.0, C + 1).view(C, 1, 1, 1).expand(C, size, size, size)
+    return ModalityTemplates(MODS[:C], size, init=init)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    present=st.lists(st.lists(st.booleans(), min_size=4, max_size=4), min_size=1, max_size=5),
+    seed=st.integers(0, 2**16),
+    max_replaced=st.one_of(st.none(), st.integers(1, 3)),
+)
+def test_never_replaces_every_present_modality(present, seed, max_replaced):
+    available = torch.tensor(present)
+    available[available.sum(dim=1) == 0, 0] = True
+    mix = TemplateMix(_templates(), MODS, max_replaced=max_replaced)
+    x = torch.rand(len(present), 4, 8, 8, 8)
+    views = mix(x, available=available, generator=torch.Generator().manual_seed(seed))
+    for replaced in (views.replaced1, views.replaced2):
+        assert not bool((replaced & ~available).any())  # missing: never replaced
+        counts, A = replaced.sum(dim=1), available.sum(dim=1)
+        multi = A >= 2
+        assert bool((counts[multi] <= A[multi] - 1).all())
+        assert bool((counts[multi] >= 1).all())
+        assert bool((counts[~multi] == 0).all())
+        if max_replaced is not None:
+            assert bool((counts <= max_replaced).all())
+
+
+def test_views_duplicate_the_input_channel_by_channel(gen):
+    """Each copy is the whole case with some channels swapped (not interleaved channels)."""
+    mix = TemplateMix(_templates(), ["T1", "T1Gd", "T2", "FLAIR"])
+    x = torch.rand(5, 4, 8, 8, 8, generator=gen)
+    views = mix(x, generator=gen)
+    for view, replaced in ((views.view1, views.replaced1), (views.view2, views.replaced2)):
+        assert view.shape == x.shape
+        for b in range(5):
+            for c in range(4):
+                if replaced[b, c]:
+                    assert bool((view[b, c] == -(c + 1)).all())
+                else:
+                    assert torch.equal(view[b, c], x[b, c])
+
+
+def test_channels_map_to_their_own_templates_in_any_order(gen):
+    mix = TemplateMix(_templates(), ["flair", "t1"], min_replaced=1)
+    views = mix(torch.rand(4, 2, 6, 6, 6, generator=gen), generator=gen)
+    assert bool((views.view1[:, 0][views.replaced1[:, 0]] == -4).all())
+    assert bool((views.view1[:, 1][views.replaced1[:, 1]] == -1).all())
+
+
+def test_single_modality_cases_get_template_blocks(gen):
+    block = BlockMask(4, 0.5)
+    mix = TemplateMix(_templates(), ["t2"], block_mask=block)
+    x = torch.rand(3, 1, 8, 8, 8, generator=gen)
+    views = mix(x, generator=gen)
+    assert not bool(views.replaced1.any())
+    for view, blocks in ((views.view1, views.blocks1), (views.view2, views.blocks2)):
+        assert blocks.sum(dim=2).tolist() == [[4]] * 3  # floor(8 · 0.5) of 8 blocks
+        vox = mask_to_voxels(blocks, 4, 8)
+        assert bool((view[vox] == -3).all())
+        assert torch.equal(view[~vox], x[~vox])
+    assert not torch.equal(views.blocks1, views.blocks2)
+
+
+def test_case_with_one_present_modality_uses_blocks_in_that_modality_only(gen):
+    mix = TemplateMix(_templates(), MODS, block_mask=BlockMask(4, 0.5))
+    available = torch.tensor([[False, True, False, False], [True, True, True, True]])
+    x = torch.rand(2, 4, 8, 8, 8, generator=gen)
+    views = mix(x, available=available, generator=gen)
+    assert views.blocks1[0].sum(dim=1).tolist() == [0, 4, 0, 0]
+    assert int(views.blocks1[1].sum()) == 0
+    assert torch.equal(views.view1[0, [0, 2, 3]], x[0, [0, 2, 3]])
+
+
+def test_same_seed_same_views_and_global_rng_untouched(gen):
+    mix = TemplateMix(_templates(), MODS)
+    x = torch.rand(4, 4, 8, 8, 8, generator=gen)
+    state = torch.get_rng_state()
+    a = mix(x, generator=torch.Generator().manual_seed(3))
+    b = mix(x, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(a.view1, b.view1)
+    assert torch.equal(a.view2, b.view2)
+
+
+def test_templates_are_frozen_in_the_mix(gen):
+    templates = _templates()
+    mix = TemplateMix(templates, MODS)
+    x = torch.rand(2, 4, 8, 8, 8, generator=gen, requires_grad=True)
+    views = mix(x, generator=gen)
+    (views.view1.sum() + views.view2.sum()).backward()
+    assert templates.weight.grad is None
+    assert x.grad is not None
+
+
+def test_mix_on_device_with_offsets(device):
+    mix = TemplateMix(_templates(size=16), MODS).to(device)
+    x = torch.rand(2, 4, 8, 8, 8, device=device)
+    gen = torch.Generator(device=device.type).manual_seed(0)
+    views = mix(x, offsets=torch.tensor([[0, 0, 0], [8, 8, 8]]), generator=gen)
+    assert views.view1.device.type == device.type
+
+
+def test_bad_input_raises():
+    with pytest.raises(ValueError, match=r"has no template; the templates are"):
+        TemplateMix(_templates(C=2), ["t1", "flair"])
+    mix = TemplateMix(_templates(), MODS)
+    with pytest.raises(ValueError, match="volume has C = 3 channels"):
+        mix(torch.rand(1, 3, 4, 4, 4))
+    with pytest.raises(ValueError, match="max_replaced must be at least"):
+        TemplateMix(_templates(), MODS, min_replaced=2, max_replaced=1)
+    with pytest.raises(ValueError, match="offsets put crops"):
+        mix(torch.rand(1, 4, 8, 8, 8), offsets=torch.tensor([[6, 0, 0]]))
+
+
+def test_monai_transform_makes_two_copies():
+    t = TemplateMixd(
+        "image", _templates(), MODS, available_key="avail", offset_key="offset"
+    ).set_random_state(0)
+    data = {
+        "image": torch.rand(4, 8, 8, 8),
+        "avail": torch.tensor([True, True, False, True]),
+        "offset": torch.tensor([2, 2, 2]),
+    }
+    out = t(data)
+    assert out["image_view1"].shape == (4, 8, 8, 8)
+    assert out["replaced"].shape == (2, 4)
+    assert not bool(out["replaced"][:, 2].any())
+    assert torch.equal(out["image"], data["image"])
+    again = TemplateMixd(
+        "image", _templates(), MODS, available_key="avail", offset_key="offset"
+    ).set_random_state(0)(data)
+    assert torch.equal(again["image_view2"], out["image_view2"])
