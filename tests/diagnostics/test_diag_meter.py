@@ -46,6 +46,15 @@ def test_meter_over_50_batches_matches_one_decomposition_of_the_stack(center, de
     _assert_matches_stacked(meter, torch.cat(batches).double(), center)
 
 
+def test_wide_features_use_the_blocked_gram_update_and_still_match(device):
+    # 131 features: above the blocked-update threshold, with halves of unequal width
+    batches = [b.to(device) for b in _batches(1, 12, 131)]
+    meter = EffectiveRankMeter(131)
+    for b in batches:
+        meter.update(b)
+    _assert_matches_stacked(meter, torch.cat(batches).double(), True)
+
+
 def test_meter_of_a_rank_k_stream_is_exactly_k():
     g = torch.Generator().manual_seed(0)
     q, _ = torch.linalg.qr(torch.randn(32, 3, generator=g, dtype=torch.float64))

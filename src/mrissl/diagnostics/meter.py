@@ -39,6 +39,25 @@ class RankResult(NamedTuple):
     num_samples: int
 
 
+def _add_gram_(m2: torch.Tensor, xc: torch.Tensor) -> None:
+    """Add ``xcᵀ xc`` to ``m2`` in place, using the symmetry of the product.
+
+    For wide features the two diagonal blocks and one off-diagonal block are multiplied and the
+    other block is its transpose: 3/4 of the multiplications of a plain ``addmm_``.
+    """
+    D = xc.shape[1]
+    if D < 128:
+        m2.addmm_(xc.T, xc)
+        return
+    h = D // 2
+    a, b = xc[:, :h], xc[:, h:]
+    ab = a.T @ b
+    m2[:h, :h].addmm_(a.T, a)
+    m2[h:, h:].addmm_(b.T, b)
+    m2[:h, h:].add_(ab)
+    m2[h:, :h].add_(ab.T)
+
+
 class EffectiveRankMeter(nn.Module):
     """Spectrum, effective rank and RankMe of every feature seen so far, streamed batch by batch.
 
@@ -149,7 +168,7 @@ class EffectiveRankMeter(nn.Module):
         delta = mean_b - self.mean
         n_a = self.count.to(torch.float64)
         w_b = n_b / (n_a + n_b)
-        self.m2.addmm_(xc.T, xc)
+        _add_gram_(self.m2, xc)
         self.m2.addr_(delta, delta * (n_a * w_b))
         self.mean.add_(delta * w_b)
         self.count.add_(n_b)
