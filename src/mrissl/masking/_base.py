@@ -104,6 +104,24 @@ def _choose_k(scores: torch.Tensor, k: torch.Tensor | int, dim: int = -1) -> tor
     return chosen.scatter_(dim, order, first_k.expand(order.shape))
 
 
+def _random_k(
+    B: int,
+    C: int,
+    N: int,
+    k: int,
+    shared: bool,
+    generator: torch.Generator | None,
+    device: torch.device,
+) -> torch.Tensor:
+    """Draw ``(B, C, N)`` masks with exactly ``k`` of ``N`` tokens masked per sample.
+
+    Each modality draws its own ``k`` tokens unless ``shared``, when all take the sample's draw.
+    """
+    if shared:
+        return _choose_k(_rand((B, 1, N), generator, device), k).expand(B, C, N).clone()
+    return _choose_k(_rand((B, C, N), generator, device), k)
+
+
 def _mask_missing(mask: torch.Tensor, available: torch.Tensor | None) -> torch.Tensor:
     """A missing modality is always masked as input (DESIGN.md)."""
     if available is None:

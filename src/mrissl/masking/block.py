@@ -26,9 +26,8 @@ from mrissl.masking._base import (
     _check_grid_args,
     _check_int,
     _check_ratio,
-    _choose_k,
     _count,
-    _rand,
+    _random_k,
     _resolve_device,
 )
 
@@ -94,10 +93,9 @@ class BlockMask(MaskGenerator):
         generator: torch.Generator | None,
         device: torch.device,
     ) -> torch.Tensor:
-        k = _count(N, self.mask_ratio)
-        if self.shared_across_modalities:
-            return _choose_k(_rand((B, 1, N), generator, device), k).expand(B, C, N).clone()
-        return _choose_k(_rand((B, C, N), generator, device), k)
+        return _random_k(
+            B, C, N, _count(N, self.mask_ratio), self.shared_across_modalities, generator, device
+        )
 
     def sample_cubes(
         self,
