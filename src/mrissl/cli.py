@@ -53,6 +53,12 @@ class CLIError(Exception):
     """A user error: reported as one line on stderr with exit code 2."""
 
 
+def _first_line(err: BaseException) -> str:
+    """The first line of an exception's message (its repr when the message is empty)."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else repr(err)
+
+
 @dataclass(frozen=True)
 class MaskSpec:
     """A parsed ``--mask`` argument: its text, the generator and the patch size it needs."""
@@ -178,8 +184,7 @@ def _load_folder(args: argparse.Namespace, modalities: Sequence[str]) -> tuple[t
                 warnings.simplefilter("ignore")
                 image = pipeline({"image": dict(case.paths)})["image"]
         except Exception as err:  # nibabel and MONAI raise many kinds; name the case
-            first_line = str(err).strip().splitlines()[0] if str(err).strip() else repr(err)
-            raise CLIError(f"cannot read case {case.name!r}: {first_line}") from None
+            raise CLIError(f"cannot read case {case.name!r}: {_first_line(err)}") from None
         volumes.append(torch.as_tensor(image).float())
     return torch.stack(volumes), f"{len(volumes)} cases from {folder}"
 
@@ -340,8 +345,7 @@ def _load_features(path: Path, key: str | None) -> torch.Tensor:
     except CLIError:
         raise
     except Exception as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else repr(err)
-        raise CLIError(f"cannot read features from {str(path)!r}: {first_line}") from None
+        raise CLIError(f"cannot read features from {str(path)!r}: {_first_line(err)}") from None
     if isinstance(loaded, dict):
         tensors = {k: v for k, v in loaded.items() if isinstance(v, torch.Tensor)}
         name = key or (next(iter(tensors)) if len(tensors) == 1 else None)
@@ -420,8 +424,7 @@ def _templates_export(args: argparse.Namespace) -> int:
     try:
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     except Exception as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else repr(err)
-        raise CLIError(f"cannot read checkpoint {str(checkpoint)!r}: {first_line}") from None
+        raise CLIError(f"cannot read checkpoint {str(checkpoint)!r}: {_first_line(err)}") from None
     if not isinstance(state, dict):
         raise CLIError(f"{str(checkpoint)!r} holds a {type(state).__name__}, not a state_dict")
     affine = None
@@ -431,7 +434,7 @@ def _templates_export(args: argparse.Namespace) -> int:
         templates = ModalityTemplates.from_state_dict(state, prefix=args.prefix)
         paths = templates.to_nifti(args.folder, affine=affine, normalised=not args.raw)
     except (ValueError, OSError) as err:
-        raise CLIError(str(err).strip().splitlines()[0]) from None
+        raise CLIError(_first_line(err)) from None
     shape = "×".join(str(s) for s in templates.shape)
     print(f"wrote {len(paths)} templates of {shape} voxels to {args.folder}:")
     for path in paths:
