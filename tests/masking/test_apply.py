@@ -211,6 +211,108 @@ def test_apply_mask_errors(batch):
         apply_mask(x, mask[:1], 4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+def test_apply_mask_zero_fill_is_exact_for_every_value_and_dtype(dtype, device):
+    # the zero fill of a token mask runs as a bitwise AND; it must match a plain where()
+    # bit for bit, including NaN, inf and -0.0 in the kept and masked voxels
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 3, 4, 8, 8, generator=g).to(dtype)
+    x.view(-1)[::7] = float("nan")
+    x.view(-1)[::11] = float("inf")
+    x.view(-1)[::13] = -0.0
+    mask = torch.rand(2, 3, 8, generator=g) < 0.6
+    vox = mask_to_voxels(mask, (2, 4, 4), (4, 8, 8))
+    want = torch.where(vox, torch.zeros((), dtype=dtype), x)
+    got = apply_mask(x.to(device), mask.to(device), (2, 4, 4)).cpu()
+    assert got.dtype == dtype
+    assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))  # same bits
+    buffer = torch.full_like(x, 7.0).to(device)
+    assert apply_mask(x.to(device), mask.to(device), (2, 4, 4), out=buffer) is buffer
+    assert torch.equal(buffer.cpu().view(torch.uint8), want.view(torch.uint8))
+
+
+def test_apply_mask_negative_zero_fill_is_negative_zero(batch):
+    x, mask, vox = batch
+    out = apply_mask(x, mask, 4, fill=-0.0)
+    assert torch.equal(torch.signbit(out), vox)  # x is in [0, 1): only the fill is negative
+
+
+@pytest.mark.parametrize("fill", [0.0, -1.5, "mean", "noise", "tensor"])
+def test_apply_mask_out_matches_the_fresh_result(batch, fill, device):
+    x, mask, _ = batch
+    x, mask = x.to(device), mask.to(device)
+    value = torch.randn(1, 3, 8, 8, 16).to(device) if fill == "tensor" else fill
+    want = apply_mask(x, mask, 4, value, generator=torch.Generator(device).manual_seed(0))
+    buffer = torch.empty_like(x)
+    got = apply_mask(
+        x, mask, 4, value, generator=torch.Generator(device).manual_seed(0), out=buffer
+    )
+    assert got is buffer
+    assert torch.equal(buffer, want)
+    vox = mask_to_voxels(mask, 4, (8, 8, 16))  # a voxel mask takes the other code path
+    want = apply_mask(x, vox, fill=value, generator=torch.Generator(device).manual_seed(0))
+    got = apply_mask(
+        x, vox, fill=value, generator=torch.Generator(device).manual_seed(0), out=buffer
+    )
+    assert got is buffer
+    assert torch.equal(buffer, want)
+
+
+def test_apply_mask_zero_fill_keeps_gradients_to_the_volume(batch):
+    x, mask, vox = batch
+    xg = x.clone().requires_grad_(True)
+    out = apply_mask(xg, mask, 4)
+    assert torch.equal(out.detach(), torch.where(vox, 0.0, x))
+    out.sum().backward()
+    assert torch.equal(xg.grad, (~vox).float())
+
+
+def test_apply_mask_out_errors(batch):
+    x, mask, _ = batch
+    with pytest.raises(TypeError, match=r"out must be a torch\.Tensor"):
+        apply_mask(x, mask, 4, out=np.zeros(x.shape))
+    with pytest.raises(ValueError, match="shape, dtype and device"):
+        apply_mask(x, mask, 4, out=torch.empty(2, 3, 8, 8, 8))
+    with pytest.raises(ValueError, match="shape, dtype and device"):
+        apply_mask(x, mask, 4, out=torch.empty_like(x, dtype=torch.float64))
+    with pytest.raises(ValueError, match="contiguous"):
+        apply_mask(x, mask, 4, out=torch.empty(2, 3, 16, 8, 8).transpose(2, 4))
+    with pytest.raises(ValueError, match="shares memory"):
+        apply_mask(x, mask, 4, out=x)
+    with pytest.raises(ValueError, match="autograd"):
+        apply_mask(x.clone().requires_grad_(True), mask, 4, out=torch.empty_like(x))
+    template = torch.zeros(1, 3, 8, 8, 16, requires_grad=True)
+    with pytest.raises(ValueError, match="autograd"):
+        apply_mask(x, mask, 4, fill=template, out=torch.empty_like(x))
+    with torch.no_grad():  # no graph, no problem
+        apply_mask(x, mask, 4, fill=template, out=torch.empty_like(x))
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    st.integers(1, 3),
+    st.integers(1, 4),
+    st.sampled_from([(1, 1, 1), (2, 2, 2), (1, 2, 4), (4, 4, 1)]),
+    st.sampled_from([0.0, 2.5]),
+    st.booleans(),
+    st.integers(0, 2**31 - 1),
+)
+def test_apply_mask_property_kept_voxels_unchanged_masked_voxels_filled(
+    B, C, patch, fill, use_out, seed
+):
+    g = torch.Generator().manual_seed(seed)
+    size = (4, 4, 8)
+    x = torch.randn(B, C, *size, generator=g)
+    N = (size[0] // patch[0]) * (size[1] // patch[1]) * (size[2] // patch[2])
+    mask = torch.rand(B, C, N, generator=g) < 0.5
+    before = x.clone()
+    out = apply_mask(x, mask, patch, fill, out=torch.empty_like(x) if use_out else None)
+    vox = torch.from_numpy(reference_voxels(mask.numpy(), patch, size))
+    assert torch.equal(out[~vox], x[~vox])
+    assert bool((out[vox] == fill).all())
+    assert torch.equal(x, before)  # the input is never written
+
+
 # --- cross_modal_fill -------------------------------------------------------------------------
 
 

@@ -2,13 +2,14 @@
 
 The masks are small (``B·C·N`` booleans); the cost of masking is writing the masked volume.
 Every function here reads the volume once and writes the result once where it can: a
-``(B, C, D, H, W)`` volume is viewed as ``(B, C, gd, p0, H·W)`` and the token mask is spread
-over one slice per patch row, ``(B, C, gd, 1, H·W)`` (``p0`` times smaller than a voxel mask),
-so one broadcast ``masked_fill`` or ``torch.where`` covers every voxel.
+``(B, C, D, H, W)`` volume is viewed as ``(B, C, gd, p0, gh, p1, W)`` and the token mask is
+spread along one image row per patch, ``(B, C, gd, 1, gh, 1, W)`` (``p0·p1`` times smaller than
+a voxel mask), so one broadcast elementwise kernel covers every voxel.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Literal, NamedTuple
 
@@ -67,16 +68,22 @@ def _token_mask_5d(
     return m.reshape(m.shape[0], m.shape[1], *grid)
 
 
-def _row_mask(m5: torch.Tensor, p1: int, p2: int) -> torch.Tensor:
-    """``(B, C, gd, gh, gw)`` -> ``(B, C, gd, 1, H·W)``: the mask of each patch's first slice.
+def _row_mask(m5: torch.Tensor, p2: int) -> torch.Tensor:
+    """``(B, C, gd, gh, gw)`` -> ``(B, C, gd, 1, gh, 1, W)``: the mask along each image row.
 
-    Broadcast against the volume viewed as ``(B, C, gd, p0, H·W)`` it covers every voxel. It
-    is ``p0`` times smaller than a voxel mask, and it lets the elementwise kernels run along
-    whole ``H·W`` slices (a much faster inner loop than the ``p2`` voxels of one patch row).
+    Broadcast against the volume viewed by ``_rows`` it covers every voxel. It is ``p0·p1``
+    times smaller than a voxel mask, and the elementwise kernels run along whole rows of
+    ``W`` voxels (a much faster inner loop than the ``p2`` voxels of one patch row).
     """
     B, C, gd, gh, gw = m5.shape
-    rows = m5[:, :, :, :, None, :, None].expand(B, C, gd, gh, p1, gw, p2)
-    return rows.reshape(B, C, gd, 1, gh * p1 * gw * p2)
+    rows = m5[..., None].expand(B, C, gd, gh, gw, p2)
+    return rows.reshape(B, C, gd, 1, gh, 1, gw * p2)
+
+
+def _rows(volume: torch.Tensor, p0: int, p1: int) -> torch.Tensor:
+    """``(B, C, D, H, W)`` -> the view ``(B, C, gd, p0, gh, p1, W)`` that ``_row_mask`` fits."""
+    B, C, D, H, W = volume.shape
+    return volume.reshape(B, C, D // p0, p0, H // p1, p1, W)
 
 
 def mask_to_voxels(
@@ -263,6 +270,7 @@ def apply_mask(
     fill: Fill = 0.0,
     *,
     generator: torch.Generator | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Replace the masked patches (or voxels) of a volume by a fill; the input is not changed.
 
@@ -283,6 +291,13 @@ def apply_mask(
     Statistics are computed in float32 whatever the volume's dtype; the result has the
     volume's dtype (a tensor fill is cast to it).
 
+    On the CPU most of the cost of masking a large batch is not the masking but the first
+    write to a freshly allocated output (the kernel zeroes every new page). In a training loop,
+    pass ``out=`` a buffer of the volume's shape that lives across steps: the masked view is
+    written into it, and the step costs one read of the volume and one write of the buffer
+    (see ``benchmarks/bench_masking.py``). ``out`` does not support autograd, like ``out=``
+    in PyTorch: it is refused when ``volume`` or a tensor ``fill`` requires a gradient.
+
     Args:
         volume: ``(B, C, D, H, W)`` floating-point volumes.
         mask: ``(B, C, N)`` bool token mask (True = masked), a per-position ``(B, N)`` mask,
@@ -291,13 +306,18 @@ def apply_mask(
             with a voxel mask.
         fill: what replaces the masked voxels, see above.
         generator: random source for ``fill="noise"``, on the volume's device type.
+        out: optional contiguous tensor of the volume's shape, dtype and device that receives
+            the result; it must not share memory with ``volume`` (the reconstruction target).
 
     Returns:
-        ``(B, C, D, H, W)``, the masked volume.
+        ``(B, C, D, H, W)``, the masked volume (``out`` itself when given).
 
     Raises:
-        ValueError: for mismatched shapes, a missing ``patch_size`` or an unknown fill.
-        TypeError: for a non-bool mask or a non-floating volume.
+        ValueError: for mismatched shapes, a missing ``patch_size``, an unknown fill, or an
+            ``out`` of the wrong shape, dtype or device, overlapping ``volume``, or used with
+            tensors that require gradients.
+        TypeError: for a non-bool mask, a non-floating volume or an ``out`` that is not a
+            tensor.
 
     Examples:
         >>> x = torch.arange(1.0, 9.0).view(1, 1, 2, 2, 2)
@@ -312,6 +332,9 @@ def apply_mask(
         >>> apply_mask(x, mask, (2, 2, 1), fill=template).sum().backward()
         >>> int(template.grad.sum())  # one per masked voxel
         4
+        >>> buffer = torch.empty_like(x)  # reused across training steps
+        >>> apply_mask(x, mask, (2, 2, 1), out=buffer) is buffer
+        True
     """
     check_tensor(volume, "volume", ndim=5)
     check_floating(volume, "volume")
@@ -340,9 +363,13 @@ def apply_mask(
         p0, p1, p2 = to_triple(patch_size, "patch_size")
         gd, gh, gw = grid_size((D, H, W), (p0, p1, p2))
         m5 = _token_mask_5d(mask.to(volume.device), (gd, gh, gw), B, C)
-        vol, m = volume.reshape(B, C, gd, p0, H * W), _row_mask(m5, p1, p2)
+        vol, m = _rows(volume, p0, p1), _row_mask(m5, p2)
         stats_v, stats_m = volume.reshape(B, C, gd, p0, gh, p1, gw, p2), m5
 
+    if out is not None:
+        _check_out(out, volume, fill)
+
+    value: torch.Tensor | float
     if isinstance(fill, torch.Tensor):
         try:
             f = torch.broadcast_to(fill.to(dtype=volume.dtype, device=volume.device), volume.shape)
@@ -351,25 +378,77 @@ def apply_mask(
                 f"fill must broadcast to the volume's shape {tuple(volume.shape)}, got "
                 f"{tuple(fill.shape)}"
             ) from err
-        out = torch.where(m, f.reshape(vol.shape), vol)
+        value = f.reshape(vol.shape)
     elif isinstance(fill, str):
         mean, std = _visible_stats(stats_v, stats_m, with_std=fill == "noise")
         stat_shape = (B, C) + (1,) * (vol.ndim - 2)
         if fill == "mean":
-            out = torch.where(m, mean.to(volume.dtype).view(stat_shape), vol)
+            value = mean.to(volume.dtype).view(stat_shape)
         else:
             check_generator(generator, volume.device)
             noise = torch.randn(vol.shape, generator=generator, device=volume.device)
-            noise = noise * std.view(stat_shape) + mean.view(stat_shape)
-            out = torch.where(m, noise.to(volume.dtype), vol)
+            value = (noise * std.view(stat_shape) + mean.view(stat_shape)).to(volume.dtype)
     elif isinstance(fill, (int, float)) and not isinstance(fill, bool):
-        # masked_fill, not torch.where: same result, less work per element on CPU
-        out = vol.masked_fill(m, float(fill))
+        value = float(fill)
+        bits = _BIT_VIEWS.get(volume.dtype)
+        needs_grad = torch.is_grad_enabled() and volume.requires_grad
+        positive_zero = value == 0.0 and math.copysign(1.0, value) > 0
+        if positive_zero and bits is not None and mask.ndim != 5 and not needs_grad:
+            # +0.0 is the all-zero bit pattern: AND each element with a keep mask of all-one
+            # or all-zero bits (one per patch row, small). A vectorised integer kernel, exact
+            # for every value (NaN and inf included), and the fastest masked copy on CPU.
+            keep = (~m).to(bits).neg_()
+            if out is None:
+                res = torch.bitwise_and(vol.view(bits), keep)
+                return res.view(volume.dtype).reshape(B, C, D, H, W)
+            torch.bitwise_and(vol.view(bits), keep, out=out.view(vol.shape).view(bits))
+            return out
+        if out is None:
+            # masked_fill, not torch.where: same result, less work per element on CPU
+            return vol.masked_fill(m, value).reshape(B, C, D, H, W)
+        value = torch.tensor(value, dtype=volume.dtype, device=volume.device)
     else:
         raise TypeError(
             f"fill must be a number, 'mean', 'noise' or a tensor, got {type(fill).__name__}"
         )
-    return out.reshape(B, C, D, H, W)
+    if out is None:
+        return torch.where(m, value, vol).reshape(B, C, D, H, W)
+    torch.where(m, value, vol, out=out.view(vol.shape))
+    return out
+
+
+# integer dtypes of the same width, for the bitwise zero fill of apply_mask
+_BIT_VIEWS = {
+    torch.float64: torch.int64,
+    torch.float32: torch.int32,
+    torch.float16: torch.int16,
+    torch.bfloat16: torch.int16,
+}
+
+
+def _check_out(out: torch.Tensor, volume: torch.Tensor, fill: Fill) -> None:
+    """Validate the ``out`` buffer of ``apply_mask``."""
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"out must be a torch.Tensor or None, got {type(out).__name__}")
+    if out.shape != volume.shape or out.dtype != volume.dtype or out.device != volume.device:
+        raise ValueError(
+            "out must match the volume's shape, dtype and device "
+            f"({tuple(volume.shape)}, {volume.dtype}, {volume.device}), got "
+            f"({tuple(out.shape)}, {out.dtype}, {out.device})"
+        )
+    if not out.is_contiguous():
+        raise ValueError(f"out must be contiguous, got strides {out.stride()}")
+    if out.untyped_storage().data_ptr() == volume.untyped_storage().data_ptr():
+        raise ValueError(
+            "out shares memory with volume; apply_mask never overwrites its input (keep the "
+            "unmasked volume as the reconstruction target), so give a separate buffer"
+        )
+    fill_grad = isinstance(fill, torch.Tensor) and fill.requires_grad
+    if torch.is_grad_enabled() and (volume.requires_grad or out.requires_grad or fill_grad):
+        raise ValueError(
+            "out= does not support autograd: volume, out or the fill tensor requires a "
+            "gradient; call apply_mask without out= (or under torch.no_grad())"
+        )
 
 
 def _choose_sources(
@@ -473,9 +552,8 @@ def cross_modal_fill(
 
     out = _source_volume(volume, source, fallback)  # one copy, channel by channel
     # put the kept patches back, in place
-    rows = out.view(B, C, grid[0], p[0], H * W)
-    kept = _row_mask(~m5, p[1], p[2])
-    torch.where(kept, volume.view(B, C, grid[0], p[0], H * W), rows, out=rows)
+    rows = _rows(out, p[0], p[1])
+    torch.where(_row_mask(~m5, p[2]), _rows(volume, p[0], p[1]), rows, out=rows)
     return out, source
 
 
