@@ -93,10 +93,11 @@ def main() -> None:
         f"collapse floor Var(x_m) = {floor.floor:.5f} ± {floor.std_error:.5f} (whole-image MSE)"
     )
     print("step   L_MIM     L_PBT     floor     erank")
+    x_m = volumes.new_empty(batch, *volumes.shape[1:])  # the masked view's buffer, reused
     for step in range(1, steps + 1):
         x = volumes[torch.randint(len(volumes), (batch,), generator=g)]
         mask = hmp(x, patch, generator=g)  # (B, C, N), True = masked
-        x_m = apply_mask(x, mask, patch)  # masked input; x stays the target
+        apply_mask(x, mask, patch, out=x_m)  # masked input; x stays the target
 
         with capture_intermediates(encoder, levels) as full:
             encoder.forward_features(x)
