@@ -117,6 +117,33 @@ def test_dynamic_img_pad_pads_the_far_end_with_zeros():
     assert embed.dynamic_feat_size((7, 8, 5)) == (2, 2, 2)
 
 
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"layout": "per_modality"},
+        {"layout": "per_modality", "shared_proj": False, "modality_embed": False},
+        {"norm_layer": torch.nn.LayerNorm, "output_fmt": "NDHWC", "flatten": False},
+        {"dynamic_img_pad": True, "strict_img_size": False, "layout": "per_modality"},
+    ],
+)
+def test_inference_projects_slab_by_slab_with_the_same_result(device, options):
+    # without autograd the patch copy is made one slab of patch rows at a time; the tokens
+    # must be those of the one-shot path (which autograd uses) in value and order
+    embed = PatchEmbed3d((12, 8, 8), (4, 4, 2), in_chans=3, embed_dim=5, **options)
+    embed = embed.to(device).double()
+    size = (11, 8, 7) if options.get("dynamic_img_pad") else (12, 8, 8)
+    x = torch.randn(2, 3, *size, device=device, dtype=torch.float64)
+    with_grad = embed(x)
+    assert with_grad.requires_grad
+    with torch.no_grad():
+        no_grad = embed(x)
+    with torch.inference_mode():
+        inference = embed(x)
+    torch.testing.assert_close(no_grad, with_grad.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(inference, with_grad.detach(), rtol=1e-12, atol=1e-12)
+
+
 def test_norm_layer_is_applied_per_token():
     embed = PatchEmbed3d(8, 4, in_chans=1, embed_dim=6, norm_layer=torch.nn.LayerNorm)
     out = embed(torch.randn(2, 1, 8, 8, 8))

@@ -231,21 +231,12 @@ class PatchEmbed3d(nn.Module):
             pads = [(-s) % p for s, p in zip(x.shape[2:], self.patch_size, strict=True)]
             x = F.pad(x, (0, pads[2], 0, pads[1], 0, pads[0]))
         gd, gh, gw = (s // p for s, p in zip(x.shape[2:], self.patch_size, strict=True))
-        weight = self.proj.weight.flatten(1)  # (E_out, C_in·p0·p1·p2)
-        bias = self.proj.bias
-        if self.layout == "stacked":
-            tokens = F.linear(patchify(x, self.patch_size, layout="stacked"), weight, bias)
+        if torch.is_grad_enabled() or gd == 1:
+            tokens = self._project(patchify(x, self.patch_size, layout=self.layout))
         else:
-            patches = patchify(x, self.patch_size, layout="per_modality")  # (B, C, N, P)
-            if self.shared_proj:
-                tokens = F.linear(patches, weight, bias)
-            else:
-                w = weight.view(self.in_chans, self.embed_dim, -1)
-                tokens = torch.einsum("bcnp,cep->bcne", patches, w.to(patches.dtype))
-                if bias is not None:
-                    tokens = tokens + bias.view(self.in_chans, 1, self.embed_dim).to(tokens.dtype)
-            if self.modality_embed is not None:
-                tokens = tokens + self.modality_embed[:, None, :].to(tokens.dtype)
+            tokens = self._project_by_slab(x, (gd, gh, gw))
+        if self.modality_embed is not None:  # per-modality layout only
+            tokens = tokens + self.modality_embed[:, None, :].to(tokens.dtype)
         tokens = cast(torch.Tensor, self.norm(tokens))
         if self.flatten:
             return tokens.flatten(-3, -2) if self.layout == "per_modality" else tokens
@@ -254,6 +245,43 @@ class PatchEmbed3d(nn.Module):
         if self.output_fmt == "NDHWC":
             return grid
         return grid.movedim(-1, -4)
+
+    def _project(self, patches: torch.Tensor) -> torch.Tensor:
+        """Tokens of ``(B, N, C·P)`` stacked or ``(B, C, N, P)`` per-modality patches."""
+        weight = self.proj.weight.flatten(1)  # (E_out, C_in·p0·p1·p2)
+        bias = self.proj.bias
+        if self.layout == "stacked" or self.shared_proj:
+            return F.linear(patches, weight, bias)
+        w = weight.view(self.in_chans, self.embed_dim, -1)
+        tokens = torch.einsum("bcnp,cep->bcne", patches, w.to(patches.dtype))
+        if bias is not None:
+            tokens = tokens + bias.view(self.in_chans, 1, self.embed_dim).to(tokens.dtype)
+        return tokens
+
+    def _project_by_slab(self, x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+        """``_project`` one slab of ``p0`` slices at a time, through one reused patch buffer.
+
+        Without autograd nothing has to keep the patch copy, so only ``1/gd`` of it exists at
+        once. The tokens are those of the one-shot path, in the same (raster) order.
+        """
+        B, C = x.shape[:2]
+        gd, gh, gw = grid
+        p0, p1, p2 = self.patch_size
+        v = x.reshape(B, C, gd, p0, gh, p1, gw, p2)
+        if self.layout == "stacked":
+            # slab i: (B, gh, gw, C, p0, p1, p2) -> (B, gh·gw, C·P)
+            slabs = v.permute(2, 0, 4, 6, 1, 3, 5, 7)
+            flat: tuple[int, ...] = (B, gh * gw, -1)
+        else:
+            # slab i: (B, C, gh, gw, p0, p1, p2) -> (B, C, gh·gw, P)
+            slabs = v.permute(2, 0, 1, 4, 6, 3, 5, 7)
+            flat = (B, C, gh * gw, -1)
+        buffer = torch.empty(slabs.shape[1:], dtype=x.dtype, device=x.device)
+        parts = []
+        for i in range(gd):
+            buffer.copy_(slabs[i])
+            parts.append(self._project(buffer.view(flat)))
+        return torch.cat(parts, dim=-2)
 
     def extra_repr(self) -> str:
         """Summarise the configuration for ``print(module)``."""
