@@ -392,3 +392,33 @@ def test_cross_modal_fill_errors():
             2,
             available=torch.ones(1, 3, dtype=torch.bool),
         )
+
+
+@pytest.mark.parametrize("kind", ["blocks", "voxels"])
+def test_cross_modal_fill_out_matches_the_fresh_result(kind, device):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 4, 8, 8, 8, generator=g).to(device)
+    available = torch.tensor([[True] * 4, [True, False, True, True], [False, False, True, False]])
+    mask = BlockMask(4, 0.5)(x, generator=torch.Generator(device).manual_seed(0))
+    patch = 4
+    if kind == "voxels":
+        mask, patch = mask_to_voxels(mask, 4, (8, 8, 8)), None
+    available = available.to(device)
+
+    def run(out=None):
+        gen = torch.Generator(device).manual_seed(1)
+        return cross_modal_fill(
+            x, mask, patch, available=available, generator=gen, fallback=-2.0, out=out
+        )
+
+    want, want_source = run()
+    buffer = torch.full_like(x, 9.0)
+    got, source = run(buffer)
+    assert got is buffer
+    assert torch.equal(source, want_source)
+    assert torch.equal(buffer, want)
+    assert bool((source[2] == -1).all())  # one present modality: the fallback, not the buffer
+    with pytest.raises(ValueError, match="shares memory"):
+        cross_modal_fill(x, mask, patch, out=x)
+    with pytest.raises(ValueError, match="autograd"):
+        cross_modal_fill(x.clone().requires_grad_(True), mask, patch, out=buffer)

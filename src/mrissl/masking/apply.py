@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
 
@@ -367,7 +367,7 @@ def apply_mask(
         stats_v, stats_m = volume.reshape(B, C, gd, p0, gh, p1, gw, p2), m5
 
     if out is not None:
-        _check_out(out, volume, fill)
+        _check_out(out, volume, "apply_mask", isinstance(fill, torch.Tensor) and fill.requires_grad)
 
     value: torch.Tensor | float
     if isinstance(fill, torch.Tensor):
@@ -426,8 +426,8 @@ _BIT_VIEWS = {
 }
 
 
-def _check_out(out: torch.Tensor, volume: torch.Tensor, fill: Fill) -> None:
-    """Validate the ``out`` buffer of ``apply_mask``."""
+def _check_out(out: Any, volume: torch.Tensor, caller: str, fill_grad: bool = False) -> None:
+    """Validate an ``out`` buffer of ``apply_mask`` or ``cross_modal_fill``."""
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"out must be a torch.Tensor or None, got {type(out).__name__}")
     if out.shape != volume.shape or out.dtype != volume.dtype or out.device != volume.device:
@@ -440,14 +440,14 @@ def _check_out(out: torch.Tensor, volume: torch.Tensor, fill: Fill) -> None:
         raise ValueError(f"out must be contiguous, got strides {out.stride()}")
     if out.untyped_storage().data_ptr() == volume.untyped_storage().data_ptr():
         raise ValueError(
-            "out shares memory with volume; apply_mask never overwrites its input (keep the "
+            f"out shares memory with volume; {caller} never overwrites its input (keep the "
             "unmasked volume as the reconstruction target), so give a separate buffer"
         )
-    fill_grad = isinstance(fill, torch.Tensor) and fill.requires_grad
     if torch.is_grad_enabled() and (volume.requires_grad or out.requires_grad or fill_grad):
+        what = "volume, out or the fill tensor" if caller == "apply_mask" else "volume or out"
         raise ValueError(
-            "out= does not support autograd: volume, out or the fill tensor requires a "
-            "gradient; call apply_mask without out= (or under torch.no_grad())"
+            f"out= does not support autograd: {what} requires a gradient; call {caller} "
+            "without out= (or under torch.no_grad())"
         )
 
 
@@ -470,6 +470,7 @@ def cross_modal_fill(
     available: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     fallback: float = 0.0,
+    out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """BrainMVP cross-modal fill: masked voxels take the values of another modality.
 
@@ -493,13 +494,18 @@ def cross_modal_fill(
         available: ``(B, C)`` bool, True = modality present; ``None`` means all present.
         generator: random source for the choice of sources, on the volume's device type.
         fallback: the value of masked voxels that have no source.
+        out: optional contiguous tensor of the volume's shape, dtype and device that receives
+            the filled volume, reused across training steps (see ``out`` of
+            [`apply_mask`][mrissl.masking.apply_mask]: on the CPU it saves the page zeroing of
+            a new allocation; no autograd; it must not share memory with ``volume``).
 
     Returns:
-        ``(filled, source)``: ``(B, C, D, H, W)`` filled volume and ``(B, C)`` int64 source
-        modality of each case and modality (``-1`` = none, ``fallback`` used).
+        ``(filled, source)``: ``(B, C, D, H, W)`` filled volume (``out`` when given) and
+        ``(B, C)`` int64 source modality of each case and modality (``-1`` = none,
+        ``fallback`` used).
 
     Raises:
-        ValueError: for mismatched shapes or a bad ``available``.
+        ValueError: for mismatched shapes, a bad ``available`` or a bad ``out``.
 
     Examples:
         >>> x = torch.stack([torch.full((2, 2, 2), float(c)) for c in range(3)])[None]
@@ -524,6 +530,8 @@ def cross_modal_fill(
     avail = check_available(available, B, C, device)
     if avail is None:
         avail = torch.ones(B, C, dtype=torch.bool, device=device)
+    if out is not None:
+        _check_out(out, volume, "cross_modal_fill")
     source = _choose_sources(avail, generator, device)
     volume = volume.contiguous()
 
@@ -533,7 +541,7 @@ def cross_modal_fill(
                 f"a voxel mask must have the volume's shape {(B, C, D, H, W)}, got "
                 f"{tuple(mask.shape)}"
             )
-        src = _source_volume(volume, source, fallback)
+        src = _source_volume(volume, source, fallback, out)
         return torch.where(mask.to(device), src, volume, out=src), source
 
     if patch_size is None:
@@ -550,19 +558,28 @@ def cross_modal_fill(
     grid = grid_size((D, H, W), p)
     m5 = _token_mask_5d(mask.to(device), grid, B, C)
 
-    out = _source_volume(volume, source, fallback)  # one copy, channel by channel
+    filled = _source_volume(volume, source, fallback, out)  # one copy, channel by channel
     # put the kept patches back, in place
-    rows = _rows(out, p[0], p[1])
+    rows = _rows(filled, p[0], p[1])
     torch.where(_row_mask(~m5, p[2]), _rows(volume, p[0], p[1]), rows, out=rows)
-    return out, source
+    return filled, source
 
 
-def _source_volume(volume: torch.Tensor, source: torch.Tensor, fallback: float) -> torch.Tensor:
-    """``(B, C, D, H, W)``: channel ``source[b, c]`` of case ``b`` (``fallback`` where -1)."""
+def _source_volume(
+    volume: torch.Tensor, source: torch.Tensor, fallback: float, out: torch.Tensor | None
+) -> torch.Tensor:
+    """``(B, C, D, H, W)``: channel ``source[b, c]`` of case ``b`` (``fallback`` where -1).
+
+    Written into ``out`` when given (contiguous, the volume's shape), else a new tensor.
+    """
     B, C = source.shape
     rows = (torch.arange(B, device=volume.device)[:, None] * C + source.clamp(min=0)).flatten()
-    out = volume.reshape(B * C, -1).index_select(0, rows)
+    flat = volume.reshape(B * C, -1)
+    if out is None:
+        res = flat.index_select(0, rows)
+    else:
+        res = torch.index_select(flat, 0, rows, out=out.view(B * C, -1))
     missing = (source.flatten() < 0).nonzero().flatten()
     if missing.numel():
-        out.index_fill_(0, missing, fallback)
-    return out.view(volume.shape)
+        res.index_fill_(0, missing, fallback)
+    return res.view(volume.shape) if out is None else out
