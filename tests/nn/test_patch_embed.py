@@ -142,6 +142,9 @@ def test_inference_projects_slab_by_slab_with_the_same_result(device, options):
         inference = embed(x)
     torch.testing.assert_close(no_grad, with_grad.detach(), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(inference, with_grad.detach(), rtol=1e-12, atol=1e-12)
+    with torch.no_grad():  # a channels-last volume is split without a copy of its own
+        last = embed(x.contiguous(memory_format=torch.channels_last_3d))
+    torch.testing.assert_close(last, with_grad.detach(), rtol=1e-12, atol=1e-12)
 
 
 def test_norm_layer_is_applied_per_token():

@@ -267,7 +267,10 @@ class PatchEmbed3d(nn.Module):
         B, C = x.shape[:2]
         gd, gh, gw = grid
         p0, p1, p2 = self.patch_size
-        v = x.reshape(B, C, gd, p0, gh, p1, gw, p2)
+        # splitting each axis is a view for any strides (channels-last input included)
+        v = x
+        for axis, split in ((4, (gw, p2)), (3, (gh, p1)), (2, (gd, p0))):
+            v = torch.unflatten(v, axis, split)  # (B, C, gd, p0, gh, p1, gw, p2) at the end
         if self.layout == "stacked":
             # slab i: (B, gh, gw, C, p0, p1, p2) -> (B, gh·gw, C·P)
             slabs = v.permute(2, 0, 4, 6, 1, 3, 5, 7)
