@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from mrissl._settings import values_checked
+
 __all__: list[str] = []
 
 Triple = tuple[int, int, int]
@@ -67,8 +69,10 @@ def check_floating(x: torch.Tensor, name: str) -> torch.Tensor:
 def check_index(index: torch.Tensor, name: str, batch: int, length: int) -> torch.Tensor:
     """Check a ``(B, K)`` integer index tensor into a sequence of ``length`` tokens.
 
-    The range check needs the values on the host, so it only runs for CPU tensors; on CUDA an
-    out-of-range index stops the kernel with a device-side error instead of giving a wrong result.
+    The range check needs the values on the host, so it only runs for CPU tensors and with the
+    value checks on (``mrissl.set_checks("values")``); on CUDA an out-of-range index stops the
+    kernel with a device-side error instead of giving a wrong result, and on CPU ``gather``
+    raises its own error.
     """
     check_tensor(index, name, ndim=2)
     if index.dtype != torch.long:
@@ -78,7 +82,7 @@ def check_index(index: torch.Tensor, name: str, batch: int, length: int) -> torc
             f"{name} must have the batch size of the tokens ({batch}) as its first dimension, "
             f"got shape {tuple(index.shape)}"
         )
-    if index.device.type == "cpu" and index.numel() > 0:
+    if index.device.type == "cpu" and index.numel() > 0 and values_checked():
         lo, hi = int(index.min()), int(index.max())
         if lo < 0 or hi >= length:
             raise ValueError(

@@ -130,11 +130,51 @@ class CollapseMonitor(nn.Module):
         self.warn = warn
         self.meter = EffectiveRankMeter(dim, center=center, sync_distributed=sync_distributed)
         self.steps = 0
-        self.loss_sum: torch.Tensor | float = 0.0
-        self.loss_count = 0
+        # the window's running loss lives on the loss's device and is read only at a window's
+        # end, so update() never synchronises (not persistent: get_extra_state saves it)
+        self.loss_sum: torch.Tensor
+        self.loss_count: torch.Tensor
+        self.register_buffer("loss_sum", torch.zeros((), dtype=torch.float64), persistent=False)
+        self.register_buffer("loss_count", torch.zeros((), dtype=torch.int64), persistent=False)
         self.ranks: list[float] = []
         self.losses: list[float] = []
         self.status = CollapseStatus(0, False, False, "no window completed yet")
+
+    @torch.no_grad()
+    def update(
+        self, loss: torch.Tensor | float | None, features: torch.Tensor | None = None
+    ) -> None:
+        """Add one step's loss and features to the current window, without a verdict.
+
+        The per-step work of [`step`][mrissl.diagnostics.CollapseMonitor.step]: a running sum
+        and a feature-moment update, entirely on the device, so it never synchronises and
+        compiles into one graph (``torch.compile(monitor.update, fullgraph=True)``). It counts
+        no steps and closes no window; call ``step`` for that, or use ``step`` alone.
+
+        Args:
+            loss: the step's reconstruction loss, a 0-dim tensor (detached here) or a float;
+                None if only features are monitored.
+            features: ``(B, D)`` or ``(B, N, D)`` features of the step (detached here).
+
+        Raises:
+            TypeError: if the loss is neither a tensor nor a number.
+            ValueError: if the loss is not a scalar; the meter's errors for bad features.
+        """
+        if loss is not None:
+            if isinstance(loss, torch.Tensor):
+                if loss.numel() != 1:
+                    raise ValueError(f"loss must be a scalar, got shape {tuple(loss.shape)}")
+                if loss.device != self.loss_sum.device:
+                    self.loss_sum = self.loss_sum.to(loss.device)
+                    self.loss_count = self.loss_count.to(loss.device)
+                self.loss_sum.add_(loss.detach().reshape(()).to(torch.float64))
+            elif isinstance(loss, bool) or not isinstance(loss, (int, float)):
+                raise TypeError(f"loss must be a tensor or a float, got {type(loss).__name__}")
+            else:
+                self.loss_sum.add_(float(loss))
+            self.loss_count.add_(1)
+        if features is not None:
+            self.meter.update(features)
 
     @torch.no_grad()
     def step(
@@ -145,6 +185,10 @@ class CollapseMonitor(nn.Module):
         warn: bool | None = None,
     ) -> CollapseStatus:
         """Record one training step; every ``window`` steps, update the verdict.
+
+        Between window ends this is [`update`][mrissl.diagnostics.CollapseMonitor.update] plus
+        a Python step counter (no synchronisation); at a window's end it reads the mean loss
+        and decomposes the window's moments on the host.
 
         Args:
             loss: the step's reconstruction loss, a 0-dim tensor (detached here) or a float;
@@ -160,17 +204,7 @@ class CollapseMonitor(nn.Module):
             ValueError: if the loss is not a scalar, or the window's mean loss is NaN/Inf; the
                 meter's errors for bad features.
         """
-        if loss is not None:
-            if isinstance(loss, torch.Tensor):
-                if loss.numel() != 1:
-                    raise ValueError(f"loss must be a scalar, got shape {tuple(loss.shape)}")
-                loss = loss.detach().to(torch.float64).reshape(())
-            elif isinstance(loss, bool) or not isinstance(loss, (int, float)):
-                raise TypeError(f"loss must be a tensor or a float, got {type(loss).__name__}")
-            self.loss_sum = self.loss_sum + loss
-            self.loss_count += 1
-        if features is not None:
-            self.meter.update(features)
+        self.update(loss, features)
         self.steps += 1
         if self.steps % self.window == 0:
             self._close_window(self.warn if warn is None else warn)
@@ -178,8 +212,9 @@ class CollapseMonitor(nn.Module):
 
     def _close_window(self, warn: bool) -> None:
         loss: float | None = None
-        if self.loss_count:
-            loss = float(self.loss_sum) / self.loss_count
+        loss_count = int(self.loss_count)
+        if loss_count:
+            loss = float(self.loss_sum) / loss_count
             if not math.isfinite(loss):
                 raise ValueError(
                     f"the mean loss over steps {self.steps - self.window + 1}-{self.steps} is "
@@ -193,7 +228,8 @@ class CollapseMonitor(nn.Module):
                 rank = float(self.meter.compute().effective_rank)
             self.ranks.append(rank)
         self.meter.reset()
-        self.loss_sum, self.loss_count = 0.0, 0
+        self.loss_sum.zero_()
+        self.loss_count.zero_()
         before = self.status
         self.status = self._verdict(loss, rank)
         if warn and (
@@ -249,7 +285,7 @@ class CollapseMonitor(nn.Module):
         return {
             "steps": self.steps,
             "loss_sum": float(self.loss_sum),
-            "loss_count": self.loss_count,
+            "loss_count": int(self.loss_count),
             "ranks": list(self.ranks),
             "losses": list(self.losses),
         }
@@ -257,7 +293,7 @@ class CollapseMonitor(nn.Module):
     def set_extra_state(self, state: dict[str, Any]) -> None:
         """Restore the state written by ``get_extra_state``."""
         self.steps = int(state["steps"])
-        self.loss_sum = float(state["loss_sum"])
-        self.loss_count = int(state["loss_count"])
+        self.loss_sum.fill_(float(state["loss_sum"]))
+        self.loss_count.fill_(int(state["loss_count"]))
         self.ranks = [float(r) for r in state["ranks"]]
         self.losses = [float(v) for v in state["losses"]]

@@ -28,9 +28,9 @@ from __future__ import annotations
 import warnings
 
 import torch
-import torch.nn.functional as F
 
 from mrissl._checks import check_floating, check_tensor
+from mrissl._settings import values_checked
 
 __all__ = ["effective_rank", "rankme", "singular_values", "std_of_l2_normalized"]
 
@@ -51,7 +51,7 @@ def _feature_matrix(z: torch.Tensor, name: str, min_samples: int = 2) -> torch.T
         raise ValueError(
             f"{name} must have a feature dimension of at least 1, got {tuple(z.shape)}"
         )
-    if not bool(torch.isfinite(matrix).all()):
+    if values_checked() and not bool(torch.isfinite(matrix).all()):
         bad = int((~torch.isfinite(matrix)).sum())
         raise ValueError(
             f"{name} must be finite, got {bad} NaN or Inf values in a tensor of shape "
@@ -62,7 +62,9 @@ def _feature_matrix(z: torch.Tensor, name: str, min_samples: int = 2) -> torch.T
 
 def _warn_if_capped(num_samples: int, dim: int, center: bool) -> None:
     cap = min(num_samples - int(center), dim)
-    if cap < dim:
+    # a shape fact, known without the data; a compiled graph (which cannot hold a Python
+    # warning without a break) skips it
+    if cap < dim and not torch.compiler.is_compiling():
         warnings.warn(
             f"{num_samples} samples of dimension {dim}: the spectrum has at most {cap} non-zero "
             f"singular values{' after centering' if center else ''}, so the effective rank is "
@@ -115,7 +117,7 @@ def _spectrum(z_or_spectrum: torch.Tensor, center: bool, name: str) -> torch.Ten
     s = z_or_spectrum.to(torch.float64)
     if s.numel() == 0:
         raise ValueError(f"{name} as a spectrum must hold at least one singular value, got none")
-    if not bool(torch.isfinite(s).all()) or bool((s < 0).any()):
+    if values_checked() and not bool((torch.isfinite(s) & (s >= 0)).all()):
         raise ValueError(
             f"{name} as a 1-D spectrum must hold finite, non-negative singular values, got "
             f"min {float(s.min()):.4g} and max {float(s.max()):.4g}"
@@ -235,5 +237,11 @@ def std_of_l2_normalized(z: torch.Tensor) -> torch.Tensor:
     """
     matrix = _feature_matrix(z, "z")
     dtype = torch.float64 if matrix.dtype == torch.float64 else torch.float32
-    unit = F.normalize(matrix.to(dtype), dim=1)
-    return unit.std(dim=0).mean()
+    x = matrix.to(dtype)
+    # the direction of each sample at any magnitude: the norm of the row scaled to max |x| = 1
+    # (an all-zero sample stays zero)
+    peak = x.detach().abs().amax(dim=1, keepdim=True)
+    x = x / torch.where(peak > 0, peak, torch.ones_like(peak))
+    unit = x / torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min(1.0)
+    out: torch.Tensor = unit.std(dim=0).mean()
+    return out

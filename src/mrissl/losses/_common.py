@@ -8,6 +8,7 @@ fp16 autocast a matrix product would otherwise be recomputed in half precision.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -87,9 +88,54 @@ def raise_if_not_finite(loss: torch.Tensor, **inputs: torch.Tensor | None) -> to
     )
 
 
-def safe_norm(x: torch.Tensor, dim: int | tuple[int, ...], eps: float) -> torch.Tensor:
-    """``max(||x||_2, eps)`` along ``dim`` (kept), with a finite gradient at ``x = 0``."""
-    return x.square().sum(dim=dim, keepdim=True).clamp_min(eps * eps).sqrt()
+def max_abs_scale(x: torch.Tensor, dim: int | tuple[int, ...]) -> torch.Tensor:
+    """The detached largest ``|x|`` along ``dim`` (kept), 1 where that is 0.
+
+    Dividing by it before squaring keeps every square in ``[0, 1]``: the sums of squares of
+    features around 1e30 no longer overflow float32 and those around 1e-30 no longer underflow.
+    Detached, it is a constant to autograd; every quantity it rescales is scale-free (a unit
+    vector, a correlation) or rescaled back, so values and gradients are those of the plain
+    formula. NaN stays NaN (``NaN > 0`` is False, and ``x`` itself carries the NaN on).
+    """
+    s = x.detach().abs().amax(dim=dim, keepdim=True)
+    return torch.where(s > 0, s, torch.ones_like(s))
+
+
+def l2_normalize(
+    x: torch.Tensor,
+    dim: int | tuple[int, ...],
+    eps: float = 0.0,
+    *,
+    scale: torch.Tensor | None = None,
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """``x / max(||x||_2, eps)`` along ``dim``, without overflow or underflow in the norm.
+
+    ``x`` is first divided by its largest absolute entry (``scale``, from
+    ``max_abs_scale`` unless given; the same on every process when ``reduce`` sums the
+    squares over processes), so the sum of squares lies in ``[1, size]`` for a non-zero row and
+    is 0 only for an all-zero row, which stays 0. With ``eps = 0`` this is the direction of
+    ``x`` at any magnitude (cosine similarity); ``eps > 0`` keeps the meaning of a smallest
+    norm in the units of ``x``.
+    """
+    s = max_abs_scale(x, dim) if scale is None else scale
+    u = x / s
+    sum_sq = u.square().sum(dim=dim, keepdim=True)
+    if reduce is not None:
+        sum_sq = reduce(sum_sq)
+    # sum_sq >= 1 for a non-zero row (its largest entry became exactly ±1): the clamp changes
+    # only all-zero rows, where it keeps the gradient of sqrt finite
+    norm = sum_sq.clamp_min(1.0).sqrt()
+    if eps > 0:
+        norm = torch.maximum(norm, eps / s)
+    return u / norm
+
+
+def l2_norm(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """``||x||_2`` along ``dim`` (removed), without overflow or underflow; gradient 0 at 0."""
+    s = max_abs_scale(x, dim)
+    norm: torch.Tensor = torch.linalg.vector_norm(x / s, dim=dim) * s.squeeze(dim)
+    return norm
 
 
 def frobenius_sq_of_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -35,7 +35,14 @@ from typing import Literal
 import torch
 from torch import nn
 
-from mrissl.distributed import all_gather, all_reduce, broadcast_, gather_sizes, is_distributed
+from mrissl.distributed import (
+    all_gather,
+    all_reduce,
+    all_reduce_,
+    broadcast_,
+    gather_sizes,
+    is_distributed,
+)
 from mrissl.losses._common import (
     check_choice,
     check_features,
@@ -43,6 +50,7 @@ from mrissl.losses._common import (
     check_same_shape,
     compute_dtype,
     frobenius_sq_of_product,
+    l2_normalize,
     no_autocast,
     raise_if_not_finite,
 )
@@ -65,17 +73,25 @@ def _standardize(z: torch.Tensor, eps: float, n_total: int, distributed: bool) -
     The data are first shifted by one reference sample (the same on every process). The shift
     cancels mathematically and is detached, so values and gradients are those of ``z − mean``;
     but a constant feature becomes exactly zero in any precision, so its row of ``C`` is 0 and
-    not rounding noise divided by a tiny standard deviation.
+    not rounding noise divided by a tiny standard deviation. Each feature is then divided by its
+    (detached) largest magnitude, so that its squares neither overflow float32 for features
+    around 1e30 nor underflow for features around 1e-30; the standardised result is the same.
     """
     reduce = all_reduce if distributed else _identity
     shift = z[:1].detach().clone()
     if distributed:
         broadcast_(shift)
     y = z - shift
+    peak = y.detach().abs().amax(dim=0)
+    if distributed:  # one scale per feature on every process, or the sums would not add up
+        all_reduce_(peak, "max")
+    s = torch.where(peak > 0, peak, torch.ones_like(peak))
+    y = y / s
     mean = reduce(y.sum(dim=0)) / n_total
     y = y - mean
     var = reduce(y.square().sum(dim=0)) / n_total
-    return y / var.clamp_min(eps * eps).sqrt()
+    # the smallest std, eps, in the units of y / s; a non-constant feature has var >= 1/M² here
+    return y / var.clamp_min((eps / s).square()).sqrt()
 
 
 def _feature_mode(
@@ -113,6 +129,14 @@ def _feature_mode(
     return invariance + lam * redundancy, D
 
 
+def _joint_scale(z: torch.Tensor, distributed: bool) -> torch.Tensor:
+    """``(1, N, 1)``: the largest ``|z|`` of each position over the global batch (detached)."""
+    peak = z.detach().abs().amax(dim=(0, 2), keepdim=True)
+    if distributed:
+        all_reduce_(peak, "max")
+    return torch.where(peak > 0, peak, torch.ones_like(peak))
+
+
 def _token_mode(
     z: torch.Tensor, z_m: torch.Tensor, lam: float, eps: float, batch_mode: str, gather: bool
 ) -> tuple[torch.Tensor, int]:
@@ -120,15 +144,14 @@ def _token_mode(
     distributed = gather and is_distributed()
     reduce = all_reduce if distributed else _identity
     if batch_mode == "per_sample":
-        # E-MIM eq. 4: C_ij = z_i · z_m_j / (||z_i|| ||z_m_j||), one N × N matrix per sample
-        inv_a = 1 / torch.linalg.vector_norm(z, dim=-1).clamp_min(eps)  # (B, N)
-        inv_b = 1 / torch.linalg.vector_norm(z_m, dim=-1).clamp_min(eps)
+        # E-MIM eq. 4: C_ij = z_i · z_m_j / (||z_i|| ||z_m_j||), one N × N matrix per sample;
+        # the unit vectors are formed overflow-free (l2_normalize), then multiplied
+        u, v = l2_normalize(z, -1, eps), l2_normalize(z_m, -1, eps)
         if 2 * E < N:  # Σ_ij C_ij² from E × E Gram matrices, C never formed
-            u, v = z * inv_a[..., None], z_m * inv_b[..., None]
             C_ii = torch.linalg.vecdot(u, v)  # (B, N)
             sum_sq = frobenius_sq_of_product(u, v)  # (B,)
-        else:  # scale the N × N product rather than the (B, N, E) features: fewer passes
-            C = (z @ z_m.mT) * inv_a[:, :, None] * inv_b[:, None, :]
+        else:
+            C = u @ v.mT
             C_ii = C.diagonal(dim1=-2, dim2=-1)
             sum_sq = torch.linalg.vector_norm(C, dim=(-2, -1)).square()
         per_sample = (1 - C_ii).square().sum(-1) + lam * (sum_sq - C_ii.square().sum(-1))
@@ -137,8 +160,8 @@ def _token_mode(
         n_total = sum(gather_sizes(B, device=z.device))
         return reduce(per_sample.sum()) / n_total, N
     # "joint": the feature vector of position i is z[:, i, :] over the whole batch
-    u = z / reduce(z.square().sum(dim=(0, 2))).clamp_min(eps * eps).sqrt()[:, None]
-    v = z_m / reduce(z_m.square().sum(dim=(0, 2))).clamp_min(eps * eps).sqrt()[:, None]
+    u = l2_normalize(z, (0, 2), eps, scale=_joint_scale(z, distributed), reduce=reduce)
+    v = l2_normalize(z_m, (0, 2), eps, scale=_joint_scale(z_m, distributed), reduce=reduce)
     C_ii = reduce((u * v).sum(dim=(0, 2)))
     if distributed:
         C = reduce(torch.einsum("bie,bje->ij", u, v))

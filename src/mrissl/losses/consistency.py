@@ -21,6 +21,7 @@ from mrissl.losses._common import (
     check_features,
     check_same_shape,
     compute_dtype,
+    l2_norm,
     no_autocast,
     raise_if_not_finite,
 )
@@ -65,6 +66,7 @@ def consistency_loss(
         diff = (f1.to(dtype) - f2.to(dtype)).reshape(f1.shape[0], -1)
         if metric == "mse":
             loss = diff.square().mean()
-        else:  # BrainMVP supplement eq. 7
-            loss = torch.linalg.vector_norm(diff, dim=1).mean()
+        else:  # BrainMVP supplement eq. 7; the norm of rows scaled to max 1: no overflow
+            norm = l2_norm(diff, dim=1)
+            loss = norm.mean()
     return raise_if_not_finite(loss, f1=f1, f2=f2)

@@ -21,15 +21,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mrissl._settings import values_checked
 from mrissl.distributed import all_gather, all_reduce, gather_sizes, is_distributed, rank
 from mrissl.losses._common import (
     check_features,
     check_positive,
     check_same_shape,
     compute_dtype,
+    l2_normalize,
     no_autocast,
     raise_if_not_finite,
-    safe_norm,
 )
 
 __all__ = ["InfoNCELoss", "info_nce"]
@@ -42,7 +43,9 @@ def _check_temperature(temperature: float | torch.Tensor) -> None:
                 f"temperature must be a number or a one-element tensor, got shape "
                 f"{tuple(temperature.shape)}"
             )
-        if temperature.device.type == "cpu" and not bool(temperature.detach() > 0):
+        # reading a tensor's value synchronises with its device: a value check (opt-in).
+        # InfoNCELoss keeps a learnable τ positive by construction (exp of log τ, clamped).
+        if values_checked() and not bool(temperature.detach() > 0):
             raise ValueError(f"temperature must be > 0, got {temperature.item()}")
     else:
         check_positive(temperature, "temperature")
@@ -111,8 +114,9 @@ def info_nce(
         x, y = a.to(dtype), b.to(dtype)
         extra = None if negatives is None else negatives.to(dtype)
         if normalize:
-            x, y = x / safe_norm(x, -1, 1e-12), y / safe_norm(y, -1, 1e-12)
-            extra = None if extra is None else extra / safe_norm(extra, -1, 1e-12)
+            # cosines at any magnitude: the norms are taken of rows scaled to max |x| = 1
+            x, y = l2_normalize(x, -1), l2_normalize(y, -1)
+            extra = None if extra is None else l2_normalize(extra, -1)
         tau = (
             temperature.to(device=x.device, dtype=dtype).reshape(())
             if isinstance(temperature, torch.Tensor)

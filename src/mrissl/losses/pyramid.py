@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from mrissl._checks import check_index
+from mrissl._settings import values_checked
 from mrissl.losses._common import check_choice, check_positive
 from mrissl.losses.barlow_twins import BatchMode, Mode, barlow_twins
 from mrissl.nn import gather_tokens
@@ -31,11 +32,22 @@ from mrissl.nn import gather_tokens
 __all__ = ["PyramidBarlowTwinsLoss", "pyramid_barlow_twins"]
 
 
-def _check_weights(weights: Sequence[float] | torch.Tensor | None, levels: int) -> list[float]:
+def _check_weights(
+    weights: Sequence[float] | torch.Tensor | None, levels: int
+) -> list[float] | torch.Tensor:
+    """Level weights as floats, or as a tensor (its values checked only with the value checks)."""
     if weights is None:
         return [1.0] * levels
     if isinstance(weights, torch.Tensor):
-        weights = [float(w) for w in weights.flatten().tolist()]
+        if weights.numel() != levels:
+            raise ValueError(
+                f"weights must have one entry per level ({levels}), got shape "
+                f"{tuple(weights.shape)}"
+            )
+        # reading the values would synchronise with the device: a value check (opt-in)
+        if values_checked() and not bool(((weights >= 0) & torch.isfinite(weights)).all()):
+            raise ValueError(f"weights must be finite and >= 0, got {weights.tolist()}")
+        return weights.flatten()
     if not isinstance(weights, Sequence):
         raise TypeError(f"weights must be a sequence of numbers, got {type(weights).__name__}")
     if len(weights) != levels:
@@ -132,7 +144,12 @@ def pyramid_barlow_twins(
             raise ValueError(msg) from err
         losses.append(loss)
     per_level = torch.stack(losses)
-    total = sum((wl * loss for wl, loss in zip(w, losses, strict=True)), per_level.new_zeros(()))
+    if isinstance(w, torch.Tensor):
+        total = (w.to(per_level) * per_level).sum()
+    else:
+        total = sum(
+            (wl * loss for wl, loss in zip(w, losses, strict=True)), per_level.new_zeros(())
+        )
     return total, per_level
 
 
@@ -199,6 +216,8 @@ class PyramidBarlowTwinsLoss(nn.Module):
         if lambda_offdiag is not None:
             check_positive(lambda_offdiag, "lambda_offdiag", allow_zero=True)
         self.levels: list[int] = names
+        if isinstance(weights, torch.Tensor):  # configuration: read once, here
+            weights = [float(w) for w in weights.detach().flatten().tolist()]
         self.weights = _check_weights(weights, len(names))
         self.mode: Mode = mode
         self.lambda_offdiag = lambda_offdiag
