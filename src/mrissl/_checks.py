@@ -69,10 +69,9 @@ def check_floating(x: torch.Tensor, name: str) -> torch.Tensor:
 def check_index(index: torch.Tensor, name: str, batch: int, length: int) -> torch.Tensor:
     """Check a ``(B, K)`` integer index tensor into a sequence of ``length`` tokens.
 
-    The range check needs the values on the host, so it only runs for CPU tensors and with the
-    value checks on (``mrissl.set_checks("values")``); on CUDA an out-of-range index stops the
-    kernel with a device-side error instead of giving a wrong result, and on CPU ``gather``
-    raises its own error.
+    The range check reads the values on the host (a synchronisation on CUDA), so it is a value
+    check and runs only when ``values_checked()``; without it an out-of-range index stops the
+    gather or scatter kernel (an ``IndexError`` on the CPU, a device-side assert on CUDA).
     """
     check_tensor(index, name, ndim=2)
     if index.dtype != torch.long:
@@ -82,7 +81,7 @@ def check_index(index: torch.Tensor, name: str, batch: int, length: int) -> torc
             f"{name} must have the batch size of the tokens ({batch}) as its first dimension, "
             f"got shape {tuple(index.shape)}"
         )
-    if index.device.type == "cpu" and index.numel() > 0 and values_checked():
+    if values_checked() and index.numel() > 0:
         lo, hi = int(index.min()), int(index.max())
         if lo < 0 or hi >= length:
             raise ValueError(
@@ -107,7 +106,11 @@ def check_generator(generator: torch.Generator | None, device: torch.device) -> 
 def check_available(
     available: Any, batch_size: int, num_modalities: int, device: torch.device
 ) -> torch.Tensor | None:
-    """Validate ``available: (B, C)`` bool with at least one True per row; move it to ``device``."""
+    """Validate ``available: (B, C)`` bool and move it to ``device``.
+
+    Shape and dtype are always checked; that every row has at least one True is a value check
+    (it reads the tensor on the host), run only when ``values_checked()``.
+    """
     if available is None:
         return None
     avail = check_tensor(available, "available", ndim=2)
@@ -119,6 +122,8 @@ def check_available(
             f"got {tuple(avail.shape)}"
         )
     avail = avail.to(device)
+    if not values_checked():
+        return avail
     empty = ~avail.any(dim=1)
     if bool(empty.any()):
         cases = empty.nonzero().flatten().tolist()

@@ -46,6 +46,7 @@ from mrissl._checks import (
     check_tensor,
     to_triple,
 )
+from mrissl._settings import values_checked
 from mrissl.masking import BlockMask, mask_to_voxels
 from mrissl.modalities import canonical_modalities, canonical_modality
 from mrissl.nn import grid_size
@@ -80,9 +81,11 @@ def _check_offsets(
 ) -> torch.Tensor:
     """``(B, 3)`` int64 crop starts on ``device``; ``None`` centres the crop in the canvas.
 
-    With ``padding="error"`` every crop must lie inside the canvas. The check reads the
-    ``B × 3`` offsets on the host (one small synchronisation on CUDA): a negative index would
-    otherwise wrap around silently.
+    With ``padding="error"`` every crop must lie inside the canvas: a negative index would
+    otherwise wrap around silently. When ``values_checked()`` the check reads the ``B × 3``
+    offsets on the host and raises a ``ValueError`` naming the cases; otherwise it is a
+    ``torch._assert_async`` (no synchronisation, traceable by ``torch.compile``), which stops
+    the step with a ``RuntimeError`` on the CPU and a device-side assert on CUDA.
     """
     if offsets is None:
         start = [(c - s) // 2 for c, s in zip(canvas, crop, strict=True)]
@@ -109,7 +112,11 @@ def _check_offsets(
             f"in the canvas along (D, H, W), got {tuple(offsets.shape)}"
         )
     offsets = offsets.to(device=device, dtype=torch.long)
-    if padding == "error":
+    if padding == "error" and not values_checked():
+        upper_dev = torch.tensor([c - s for c, s in zip(canvas, crop, strict=True)], device=device)
+        inside = ((offsets >= 0) & (offsets <= upper_dev)).all()
+        torch._assert_async(inside, f"offsets put crops of size {crop} outside the canvas {canvas}")
+    elif padding == "error":
         host = offsets.cpu()
         upper = torch.tensor([c - s for c, s in zip(canvas, crop, strict=True)])
         bad = ((host < 0) | (host > upper)).any(dim=1)
@@ -141,7 +148,11 @@ def _check_ids(ids: Any, batch: int, chans: int, num: int, device: torch.device)
         raise ValueError(
             f"modality_ids must have shape (B, C) = ({batch}, {chans}), got {tuple(ids.shape)}"
         )
-    if ids.device.type == "cpu" and ids.numel():
+    if not values_checked():
+        if ids.numel():  # a negative id would wrap around silently
+            in_range = ((ids >= 0) & (ids < num)).all()
+            torch._assert_async(in_range, f"modality_ids must index the {num} templates")
+    elif ids.numel():
         lo, hi = int(ids.min()), int(ids.max())
         if lo < 0 or hi >= num:
             raise ValueError(

@@ -23,6 +23,7 @@ from mrissl._checks import (
     check_tensor,
     to_triple,
 )
+from mrissl._settings import values_checked
 from mrissl.masking._base import _rand
 from mrissl.nn import grid_size
 
@@ -181,7 +182,9 @@ class KeepIndices(NamedTuple):
     padding: torch.Tensor
 
 
-def keep_indices(mask: torch.Tensor, *, pad: bool = False) -> KeepIndices:
+def keep_indices(
+    mask: torch.Tensor, *, pad: bool = False, num_kept: int | None = None
+) -> KeepIndices:
     """Keep and restore indices for an MAE-style encoder, derived from a token mask.
 
     The token order is that of [`PatchEmbed3d`][mrissl.nn.PatchEmbed3d] with
@@ -203,21 +206,36 @@ def keep_indices(mask: torch.Tensor, *, pad: bool = False) -> KeepIndices:
     mask token (``torch.where(padding[..., None], mask_token, latent)``), since they sit at
     masked positions.
 
+    The shape of ``keep`` depends on the mask's values, so finding ``K`` reads the kept counts
+    on the host: a synchronisation on CUDA, and a graph break under ``torch.compile``. On the
+    training-step path pass ``num_kept=K`` instead: nothing is read, the shapes are fixed.
+    For a generator with an exact count ``K = round(C·N·(1 - gen.expected_mask_ratio(C, N)))``
+    (for ``HybridMaskPattern()`` with ``C = 4``, ``N = 216``: 162). The counts are then
+    checked against ``K`` only when value checks are on (``mrissl.checks("values")``):
+    without them a sample that keeps fewer than ``K`` is padded (marked in ``padding``) and
+    one that keeps more loses its last kept tokens.
+
     Args:
         mask: ``(B, C, N)`` or ``(B, N)`` bool, True = masked.
         pad: allow different kept counts per sample, with padding.
+        num_kept: ``K``, the length of ``keep``, known in advance (no host read); ``None``
+            reads it from the mask.
 
     Returns:
         [`KeepIndices`][mrissl.masking.KeepIndices] ``(keep, restore, padding)``.
 
     Raises:
-        ValueError: if the samples keep different numbers of tokens and ``pad`` is False.
+        ValueError: if the samples keep different numbers of tokens and ``pad`` is False, for
+            a ``num_kept`` outside ``[0, C·N]``, and (value checks on) if a sample keeps more
+            than ``num_kept`` tokens, or fewer without ``pad``.
 
     Examples:
         >>> mask = torch.tensor([[[False, True], [True, False]]])  # (B=1, C=2, N=2)
         >>> keep, restore, padding = keep_indices(mask)
         >>> keep, restore  # kept tokens 0 and 3 of the sequence c·N + n
         (tensor([[0, 3]]), tensor([[0, 2, 3, 1]]))
+        >>> keep_indices(mask, num_kept=2).keep  # the same, without reading the mask
+        tensor([[0, 3]])
         >>> ragged = torch.tensor([[False, True, True], [False, False, True]])  # (B, N)
         >>> keep_indices(ragged, pad=True)
         KeepIndices(keep=tensor([[0, 1], [0, 1]]), restore=tensor([[0, 1, 2], [0, 1, 2]]), padding=tensor([[False,  True], [False, False]]))
@@ -225,18 +243,30 @@ def keep_indices(mask: torch.Tensor, *, pad: bool = False) -> KeepIndices:
     check_tensor(mask, "mask", ndim=(2, 3))
     _check_bool(mask, "mask")
     flat = mask.flatten(1)
+    L = flat.shape[1]
+    if num_kept is not None and (
+        isinstance(num_kept, bool) or not isinstance(num_kept, int) or not 0 <= num_kept <= L
+    ):
+        raise ValueError(f"num_kept must be an int in [0, {L}] (C·N of the mask), got {num_kept!r}")
     order = torch.argsort(flat.to(torch.uint8), dim=1, stable=True)
     restore = torch.argsort(order, dim=1)
     kept = (~flat).sum(dim=1)
-    lo, hi = int(kept.min()), int(kept.max())
-    if lo != hi and not pad:
-        raise ValueError(
-            f"mask keeps a different number of tokens per sample (from {lo} to {hi}; "
-            f"counts {kept.tolist()}); pass pad=True for padded indices with a padding mask, "
-            "or use a generator with an exact count"
-        )
-    keep = order[:, :hi]
-    padding = torch.arange(hi, device=mask.device) >= kept[:, None]
+    if num_kept is None or values_checked():
+        lo, hi = int(kept.min()), int(kept.max())
+        if num_kept is not None and (hi > num_kept or (lo < num_kept and not pad)):
+            raise ValueError(
+                f"num_kept={num_kept} but the samples keep from {lo} to {hi} tokens "
+                f"(counts {kept.tolist()})"
+            )
+        if lo != hi and not pad:
+            raise ValueError(
+                f"mask keeps a different number of tokens per sample (from {lo} to {hi}; "
+                f"counts {kept.tolist()}); pass pad=True for padded indices with a padding "
+                "mask, or use a generator with an exact count"
+            )
+    K = hi if num_kept is None else num_kept
+    keep = order[:, :K]
+    padding = torch.arange(K, device=mask.device) >= kept[:, None]
     return KeepIndices(keep, restore, padding)
 
 
@@ -579,7 +609,6 @@ def _source_volume(
         res = flat.index_select(0, rows)
     else:
         res = torch.index_select(flat, 0, rows, out=out.view(B * C, -1))
-    missing = (source.flatten() < 0).nonzero().flatten()
-    if missing.numel():
-        res.index_fill_(0, missing, fallback)
+    # fixed shapes: a masked fill over every row, not an index of the rows without a source
+    res.masked_fill_((source.flatten() < 0)[:, None], fallback)
     return res.view(volume.shape) if out is None else out

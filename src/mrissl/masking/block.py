@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from mrissl._checks import Triple, check_available, to_triple
+from mrissl._settings import values_checked
 from mrissl.masking._base import (
     MaskGenerator,
     _check_grid_args,
@@ -123,8 +124,11 @@ class BlockMask(MaskGenerator):
         The result is that of the sequential loop, computed without one: a batch of
         centres in drawing order is laid out on the grid, a min-filter over the cube
         footprint gives each voxel the index of the first cube covering it, and a k-th
-        smallest value gives the stopping cube. If the drawn centres do not reach the
-        target (rare), more are drawn.
+        smallest value gives the stopping cube. The number of centres is fixed (twice the
+        expected number the target needs, clipping at the border included), so nothing is
+        read on the host and the shapes do not depend on the draw. Should they not reach the
+        target (not seen in 10⁴ draws), the value checks (``mrissl.checks("values")``) draw
+        more; without them a ``torch._assert_async`` stops the step.
 
         Args:
             batch_size: ``B``.
@@ -164,21 +168,40 @@ class BlockMask(MaskGenerator):
             mask = first < _ceil(V * self.mask_ratio, cube)
         else:
             target = max(1, math.ceil(V * self.mask_ratio - 1e-9))
-            # expected cubes for the target, if centres were independent of one another
-            estimate = V / cube * math.log(1.0 / (1.0 - self.mask_ratio))
-            num = int(1.25 * estimate) + 16
-            while True:
-                first = _first_cover(B * C, size, self.block_size, num, generator, dev)
-                # the stopping cube of each row: the target-th earliest first-cover index
-                stop = first.view(B * C, -1).kthvalue(target, dim=1).values
-                if bool(torch.isfinite(stop).all()):
-                    break
-                num *= 2  # not enough centres drawn to reach the target: draw more
+            # twice the expected number of cubes for the target (cubes clipped at the border
+            # cover less): a fixed number of centres, so the shapes do not depend on the draw
+            clipped = _mean_clipped_volume(size, self.block_size)
+            num = int(2 * V / clipped * math.log(1.0 / (1.0 - self.mask_ratio))) + 64
+            first = _first_cover(B * C, size, self.block_size, num, generator, dev)
+            # the stopping cube of each row: the target-th earliest first-cover index
+            stop = first.view(B * C, -1).kthvalue(target, dim=1).values
+            if values_checked():
+                while not bool(torch.isfinite(stop).all()):
+                    num *= 2  # not enough centres drawn to reach the target: draw more
+                    first = _first_cover(B * C, size, self.block_size, num, generator, dev)
+                    stop = first.view(B * C, -1).kthvalue(target, dim=1).values
+            else:
+                # (not seen in 10⁴ draws of small volumes, where the border matters most)
+                torch._assert_async(
+                    torch.isfinite(stop).all(),
+                    "BlockMask.sample_cubes: the drawn cubes did not reach mask_ratio; "
+                    "run with mrissl.checks('values') to draw more instead",
+                )
             mask = first <= stop.view(B * C, 1, 1, 1)
         mask = mask.view(B, C, *size)
         if avail is not None:
             mask |= ~avail[:, :, None, None, None]
         return mask
+
+
+def _mean_clipped_volume(size: Triple, cube: Triple) -> float:
+    """Mean number of voxels of a cube inside the volume, over uniformly drawn centres."""
+    volume = 1.0
+    for n, r in zip(size, cube, strict=True):
+        # a cube centred at x spans x - r//2 … x - r//2 + r - 1; its part inside [0, n)
+        inside = [min(x - r // 2 + r, n) - max(x - r // 2, 0) for x in range(n)]
+        volume *= sum(inside) / n
+    return volume
 
 
 def _ceil(a: float, b: int) -> int:
