@@ -9,6 +9,9 @@
 
 Every failure the user can cause (a missing folder, no cases, an unreadable file, a bad mask
 specification) ends with exit code 2 and one line on stderr, never a traceback.
+
+Importing this module is cheap: torch, MONAI, timm and NumPy are imported inside the subcommand
+that needs them, so ``mrissl --help`` and every ``--help`` answer at once.
 """
 
 from __future__ import annotations
@@ -21,11 +24,12 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from mrissl._version import __version__
+
+if TYPE_CHECKING:  # imported inside the subcommands at run time (fast --help)
+    import torch
 
 __all__ = ["MaskSpec", "main", "main_entry", "parse_mask_spec"]
 
@@ -151,6 +155,8 @@ def parse_mask_spec(spec: str, patch_size: int) -> MaskSpec:
 
 
 def _load_folder(args: argparse.Namespace, modalities: Sequence[str]) -> tuple[torch.Tensor, str]:
+    import torch
+
     from mrissl.data import find_cases, preprocessing
 
     folder = Path(args.folder)
@@ -190,6 +196,8 @@ def _load_folder(args: argparse.Namespace, modalities: Sequence[str]) -> tuple[t
 
 
 def _phantom(args: argparse.Namespace, modalities: Sequence[str]) -> tuple[torch.Tensor, str]:
+    import torch
+
     from mrissl.data import PhantomDataset
 
     dataset = PhantomDataset(args.phantom_cases, shape=args.crop, modalities=modalities, seed=0)
@@ -216,6 +224,8 @@ def _verdict(floor: float, std_error: float, reference: float) -> str:
 
 
 def _collapse_check(args: argparse.Namespace) -> int:
+    import torch
+
     from mrissl.diagnostics import collapsed_loss_floor
     from mrissl.modalities import canonical_modalities
 
@@ -327,6 +337,7 @@ def _print_table(report: dict[str, Any]) -> None:
 
 def _load_features(path: Path, key: str | None) -> torch.Tensor:
     import numpy as np
+    import torch
 
     if not path.is_file():
         raise CLIError(f"file {str(path)!r} does not exist")
@@ -358,6 +369,8 @@ def _load_features(path: Path, key: str | None) -> torch.Tensor:
 
 
 def _rank(args: argparse.Namespace) -> int:
+    import torch
+
     from mrissl.diagnostics import effective_rank, rankme, singular_values
 
     z = _load_features(Path(args.file), args.key)
@@ -416,6 +429,8 @@ def _rank(args: argparse.Namespace) -> int:
 
 
 def _templates_export(args: argparse.Namespace) -> int:
+    import torch
+
     from mrissl.templates import ModalityTemplates
 
     checkpoint = Path(args.checkpoint)
@@ -572,7 +587,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ``0`` on success, ``2`` for a usage or data error (one line on stderr).
 
     Examples:
-        >>> import os, tempfile
+        >>> import os, tempfile, torch
         >>> path = os.path.join(tempfile.mkdtemp(), "z.pt")
         >>> torch.save(torch.eye(3), path)
         >>> main(["rank", path, "--no-center", "--top", "3"])

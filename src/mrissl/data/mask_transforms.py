@@ -7,7 +7,10 @@ image next to the original, which stays untouched as the reconstruction target.
 The transforms work on single cases, ``(C, D, H, W)`` images, as MONAI transforms do; the
 mask is ``(C, N)`` bool, True = masked. Randomness comes from MONAI's per-transform
 ``RandomState`` (``set_random_state``, ``monai.utils.set_determinism``), from which every call
-seeds a ``torch.Generator``, so a seeded pipeline gives the same masks on every run.
+seeds a ``torch.Generator``, so a seeded pipeline gives the same masks on every run. In any
+data loader, MONAI's or a plain ``torch.utils.data.DataLoader``, every worker and every epoch
+draws its own masks: where no ``worker_init_fn`` set the state in the worker, the transform
+derives it from PyTorch's seed of that worker.
 """
 
 from __future__ import annotations
@@ -17,9 +20,10 @@ from typing import Any, Literal
 
 import torch
 from monai.config.type_definitions import KeysCollection
-from monai.transforms.transform import MapTransform, Randomizable
+from monai.transforms.transform import MapTransform
 from monai.utils.type_conversion import convert_to_tensor
 
+from mrissl.data._worker_seed import WorkerSeeded
 from mrissl.masking import (
     BlockMask,
     HybridMaskPattern,
@@ -36,7 +40,7 @@ from mrissl.masking.apply import Fill
 __all__ = ["RandBlockMaskd", "RandHybridMaskd", "RandMaskd", "RandTokenMaskd"]
 
 
-class RandMaskd(Randomizable, MapTransform):
+class RandMaskd(WorkerSeeded, MapTransform):
     """Draw a token mask with any [`MaskGenerator`][mrissl.masking.MaskGenerator] and apply it.
 
     One mask is drawn per call from the first key's image and shared by every key (use one
@@ -91,6 +95,7 @@ class RandMaskd(Randomizable, MapTransform):
 
     def randomize(self, data: Any = None) -> None:
         """Draw the seed of this call's ``torch.Generator`` from MONAI's ``RandomState``."""
+        self._sync_worker_state()
         self._seed = int(self.R.randint(0, 2**31 - 1))
 
     def _available(self, d: Mapping[Hashable, Any]) -> torch.Tensor | None:

@@ -4,7 +4,8 @@
 [`TemplateMix`][mrissl.templates.TemplateMix] on one case ``(C, D, H, W)`` in the data-loader
 workers and writes the two copies next to the original. Randomness comes from MONAI's
 per-transform ``RandomState`` (``set_random_state``, ``monai.utils.set_determinism``), from
-which every call seeds a ``torch.Generator``.
+which every call seeds a ``torch.Generator``; in a plain ``torch.utils.data.DataLoader`` each
+worker derives its own state from PyTorch's seed of that worker, so workers and epochs differ.
 """
 
 from __future__ import annotations
@@ -14,16 +15,17 @@ from typing import Any
 
 import torch
 from monai.config.type_definitions import KeysCollection
-from monai.transforms.transform import MapTransform, Randomizable
+from monai.transforms.transform import MapTransform
 from monai.utils.type_conversion import convert_to_tensor
 
+from mrissl.data._worker_seed import WorkerSeeded
 from mrissl.masking import BlockMask
 from mrissl.templates import ModalityTemplates, TemplateMix
 
 __all__ = ["TemplateMixd"]
 
 
-class TemplateMixd(Randomizable, MapTransform):
+class TemplateMixd(WorkerSeeded, MapTransform):
     """Two copies of a case with some modalities replaced by frozen templates (BrainMVP supp. A).
 
     For each key, ``key + postfixes[0]`` and ``key + postfixes[1]`` receive the copies
@@ -87,6 +89,7 @@ class TemplateMixd(Randomizable, MapTransform):
 
     def randomize(self, data: Any = None) -> None:
         """Draw the seed of this call's ``torch.Generator`` from MONAI's ``RandomState``."""
+        self._sync_worker_state()
         self._seed = int(self.R.randint(0, 2**31 - 1))
 
     def _optional(self, d: Mapping[Hashable, Any], key: str | None, shape: str) -> Any:
