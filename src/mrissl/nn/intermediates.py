@@ -1,4 +1,4 @@
-"""Capture the outputs of chosen transformer blocks during a forward pass.
+"""Capture the outputs of chosen transformer blocks or encoder stages during a forward pass.
 
 E-MIM's pyramid Barlow Twins loss compares token features of the full and the masked view at
 several encoder depths (eq. 7, blocks 3, 6, 9 and 12 of 12).
@@ -8,12 +8,15 @@ when the ``with`` block ends, also after an exception.
 
 Blocks are numbered from 1 as in E-MIM: block ``k`` is the output of the ``k``-th transformer
 block, before any final norm. Negative numbers count from the end (``-1`` is the last block).
+Hierarchical encoders (MONAI's ``SwinUNETR``, CNNs, hybrids) return ``(B, C, D, H, W)`` feature
+maps; those are handed back as ``(B, N, C)`` tokens in raster order (depth slowest) with their
+grid, so the losses and meters take them as they take ViT tokens.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, overload
 
@@ -21,6 +24,9 @@ import torch
 from torch import nn
 
 __all__ = ["IntermediateFeatures", "capture_intermediates", "find_blocks", "pyramid_levels"]
+
+# Wrappers that keep their encoder in one attribute: MONAI SwinUNETR (`swinViT`), UNETR (`vit`).
+_ENCODER_ATTRS = ("swinViT", "vit")
 
 _NORMS = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.Identity, nn.RMSNorm)
 
@@ -56,32 +62,18 @@ def pyramid_levels(depth: int = 12, levels: int = 4) -> list[int]:
     return [math.ceil(depth * level / levels) for level in range(1, levels + 1)]
 
 
-def find_blocks(model: nn.Module) -> list[nn.Module]:
-    """Return the transformer blocks of ``model`` in order.
+def _swin_stages(model: nn.Module) -> list[nn.Module]:
+    # MONAI SwinTransformer keeps stage k as the only entry of `layers<k>`
+    stages = []
+    for k in range(1, 10):
+        seq = getattr(model, f"layers{k}", None)
+        if not isinstance(seq, nn.ModuleList) or len(seq) == 0:
+            break
+        stages.append(seq[0])
+    return stages
 
-    Looks for a ``blocks`` sequence (timm ``VisionTransformer``, MONAI ``ViT`` and
-    ``MaskedAutoEncoderViT``, most MAE code) or a ``layers`` sequence. Normalisation layers at
-    the end of the sequence are not blocks: MONAI's ``MaskedAutoEncoderViT`` keeps its final
-    ``LayerNorm`` inside ``blocks``, and block 12 of it means the 12th transformer block.
 
-    Args:
-        model: the encoder, or a model holding it as ``model.blocks``.
-
-    Returns:
-        The blocks, the first being block 1.
-
-    Raises:
-        TypeError: if the model has no ``blocks`` or ``layers`` sequence of modules.
-
-    Examples:
-        >>> from monai.networks.nets import MaskedAutoEncoderViT
-        >>> mae = MaskedAutoEncoderViT(in_channels=1, img_size=16, patch_size=8, num_layers=3,
-        ...                            hidden_size=24, mlp_dim=48, num_heads=2)
-        >>> len(mae.blocks), len(find_blocks(mae))  # the final LayerNorm is not a block
-        (4, 3)
-    """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+def _find_encoder(model: nn.Module) -> tuple[nn.Module, list[nn.Module]]:
     for attr in ("blocks", "layers"):
         seq = getattr(model, attr, None)
         if isinstance(seq, (nn.Sequential, nn.ModuleList)) and len(seq) > 0:
@@ -89,41 +81,106 @@ def find_blocks(model: nn.Module) -> list[nn.Module]:
             while blocks and isinstance(blocks[-1], _NORMS):
                 blocks.pop()
             if blocks:
-                return blocks
+                return model, blocks
+    stages = _swin_stages(model)
+    if stages:
+        return model, stages
+    for attr in _ENCODER_ATTRS:
+        inner = getattr(model, attr, None)
+        if isinstance(inner, nn.Module) and inner is not model:
+            try:
+                return _find_encoder(inner)
+            except TypeError:
+                pass
     raise TypeError(
         f"model ({type(model).__name__}) has no `blocks` or `layers` sequence of transformer "
-        f"blocks; pass the sequence itself with capture_intermediates(..., blocks=model.<name>)"
+        f"blocks and no MONAI Swin stages `layers1..layers4`; name the modules to capture with "
+        f"capture_intermediates(..., blocks=[model.<stage1>, ...]) or "
+        f'blocks=["<stage1>", ...] (names as in model.named_modules())'
     )
 
 
+def find_blocks(model: nn.Module) -> list[nn.Module]:
+    """Return the transformer blocks (or encoder stages) of ``model`` in order.
+
+    Looks, in this order, for:
+
+    * a ``blocks`` sequence (timm ``VisionTransformer``, MONAI ``ViT`` and
+      ``MaskedAutoEncoderViT``, most MAE code) or a ``layers`` sequence. Normalisation layers at
+      the end of the sequence are not blocks: MONAI's ``MaskedAutoEncoderViT`` keeps its final
+      ``LayerNorm`` inside ``blocks``, and block 12 of it means the 12th transformer block;
+    * MONAI ``SwinTransformer`` stages ``layers1``, ``layers2``, … (each stage, with its patch
+      merging, is one level: 4 for the default ``SwinUNETR``);
+    * the same inside ``model.swinViT`` (MONAI ``SwinUNETR``) or ``model.vit`` (MONAI
+      ``UNETR``).
+
+    Args:
+        model: the encoder, or a model holding it.
+
+    Returns:
+        The blocks, the first being block 1.
+
+    Raises:
+        TypeError: if none of the above is found.
+
+    Examples:
+        >>> from monai.networks.nets import MaskedAutoEncoderViT, SwinUNETR
+        >>> mae = MaskedAutoEncoderViT(in_channels=1, img_size=16, patch_size=8, num_layers=3,
+        ...                            hidden_size=24, mlp_dim=48, num_heads=2)
+        >>> len(mae.blocks), len(find_blocks(mae))  # the final LayerNorm is not a block
+        (4, 3)
+        >>> swin = SwinUNETR(in_channels=1, out_channels=2, feature_size=12)
+        >>> find_blocks(swin)[0] is swin.swinViT.layers1[0]
+        True
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    return _find_encoder(model)[1]
+
+
 class IntermediateFeatures(Sequence[torch.Tensor]):
-    """The captured block outputs, one tensor per requested block, in the order asked for.
+    """The captured outputs, one ``(B, N, E)`` tensor per requested block, in the order asked for.
 
     Filled while the model runs inside
     [`capture_intermediates`][mrissl.nn.capture_intermediates]; reading an entry before the
     forward pass has reached that block raises ``RuntimeError``. Indexing follows the order of
     ``indices`` (entry 0 is the first block asked for), and slicing gives a list.
 
+    A block whose output is a ``(B, C, D, H, W)`` feature map (a Swin stage, a CNN stage) is
+    stored as ``(B, D·H·W, C)`` tokens in raster order (depth slowest, width fastest), and
+    ``grids`` holds its ``(D, H, W)``; a block that already returns ``(B, N, E)`` tokens has
+    ``None`` there (a ViT's grid is its patch grid, see [`grid_size`][mrissl.nn.grid_size]).
+
+    Attributes:
+        indices: the 1-based block numbers, in the order asked for.
+        num_prefix_tokens: tokens stripped from the front of token outputs.
+
     Examples:
         >>> blocks = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
         >>> with capture_intermediates(blocks, [2, 1], blocks=list(blocks)) as feats:
         ...     _ = blocks(torch.randn(3, 5, 4))
-        >>> feats.indices, len(feats), tuple(feats[0].shape)
-        ([2, 1], 2, (3, 5, 4))
+        >>> feats.indices, len(feats), tuple(feats[0].shape), feats.grids
+        ([2, 1], 2, (3, 5, 4), [None, None])
     """
 
     def __init__(self, indices: Sequence[int], num_prefix_tokens: int) -> None:
         self.indices = list(indices)
         self.num_prefix_tokens = num_prefix_tokens
         self._features: dict[int, torch.Tensor] = {}
+        self._grids: dict[int, tuple[int, int, int] | None] = {}
 
     def _store(self, index: int, output: Any) -> None:
         if isinstance(output, (tuple, list)):
             output = output[0]
-        if not isinstance(output, torch.Tensor):
+        if not isinstance(output, torch.Tensor) or output.ndim not in (3, 5):
+            got = (
+                f"shape {tuple(output.shape)}"
+                if isinstance(output, torch.Tensor)
+                else type(output).__name__
+            )
             raise TypeError(
-                f"block {index} returned {type(output).__name__}; expected a tensor "
-                f"(or a tuple whose first item is the token tensor)"
+                f"block {index} returned {got}; expected (B, N, E) tokens or a (B, C, D, H, W) "
+                f"feature map (or a tuple whose first item is one)"
             )
         if index in self._features and not _in_backward():
             raise RuntimeError(
@@ -131,9 +188,29 @@ class IntermediateFeatures(Sequence[torch.Tensor]):
                 f"`with capture_intermediates(...)` per forward pass (for example one for the "
                 f"full view and one for the masked view)"
             )
-        if self.num_prefix_tokens:
+        grid: tuple[int, int, int] | None = None
+        if output.ndim == 5:
+            D, H, W = output.shape[2:]
+            grid = (D, H, W)
+            output = output.flatten(2).transpose(1, 2)  # (B, C, D, H, W) -> (B, D·H·W, C)
+        elif self.num_prefix_tokens:
             output = output[:, self.num_prefix_tokens :]
         self._features[index] = output
+        self._grids[index] = grid
+
+    def _check_ran(self, index: int) -> None:
+        if index not in self._features:
+            raise RuntimeError(
+                f"block {index} has not run yet: call the model inside the "
+                f"`with capture_intermediates(...)` block before reading the features"
+            )
+
+    @property
+    def grids(self) -> list[tuple[int, int, int] | None]:
+        """``(D, H, W)`` of each entry that came from a feature map, ``None`` for token outputs."""
+        for index in self.indices:
+            self._check_ran(index)
+        return [self._grids[index] for index in self.indices]
 
     @overload
     def __getitem__(self, i: int) -> torch.Tensor: ...
@@ -146,11 +223,7 @@ class IntermediateFeatures(Sequence[torch.Tensor]):
         if isinstance(i, slice):
             return [self[j] for j in range(len(self))[i]]
         index = self.indices[i]
-        if index not in self._features:
-            raise RuntimeError(
-                f"block {index} has not run yet: call the model inside the "
-                f"`with capture_intermediates(...)` block before reading the features"
-            )
+        self._check_ran(index)
         return self._features[index]
 
     def __len__(self) -> int:
@@ -179,36 +252,71 @@ def _detect_prefix_tokens(model: nn.Module) -> int:
     return 0
 
 
+def _resolve_blocks(model: nn.Module, blocks: object) -> list[nn.Module]:
+    container = isinstance(blocks, (nn.Sequential, nn.ModuleList))
+    if not container and (isinstance(blocks, (str, nn.Module)) or not isinstance(blocks, Iterable)):
+        raise TypeError(
+            f"blocks must be a sequence of modules or module names, got one "
+            f"{type(blocks).__name__}; wrap it in a list"
+        )
+    resolved = []
+    items: Iterable[object] = blocks  # type: ignore[assignment]
+    for i, block in enumerate(items):
+        if isinstance(block, str):
+            try:
+                block = model.get_submodule(block)
+            except AttributeError as err:
+                raise ValueError(
+                    f"blocks[{i}] = {block!r} is not a submodule of {type(model).__name__}; "
+                    f"use a name from model.named_modules(), for example 'swinViT.layers1.0'"
+                ) from err
+        if not isinstance(block, nn.Module):
+            raise TypeError(
+                f"blocks[{i}] must be a torch.nn.Module or a module name, got "
+                f"{type(block).__name__}"
+            )
+        resolved.append(block)
+    if not resolved:
+        raise ValueError("blocks must name at least one module, got an empty sequence")
+    return resolved
+
+
 @contextmanager
 def capture_intermediates(
     model: nn.Module,
-    indices: Sequence[int],
+    indices: Sequence[int] | None = None,
     *,
-    blocks: Sequence[nn.Module] | None = None,
+    blocks: Sequence[nn.Module | str] | None = None,
     num_prefix_tokens: int | None = None,
 ) -> Iterator[IntermediateFeatures]:
     """Collect the outputs of chosen blocks while ``model`` runs inside the ``with`` block.
 
     Args:
         model: a timm ``VisionTransformer`` (for example with
-            [`PatchEmbed3d`][mrissl.nn.PatchEmbed3d]), a MONAI ``ViT`` or
-            ``MaskedAutoEncoderViT``, or any model with a ``blocks`` (or ``layers``) sequence.
+            [`PatchEmbed3d`][mrissl.nn.PatchEmbed3d]), a MONAI ``ViT``,
+            ``MaskedAutoEncoderViT``, ``UNETR``, ``SwinUNETR`` or ``SwinTransformer``, any
+            model with a ``blocks`` (or ``layers``) sequence, or any model at all with
+            ``blocks=`` (see [`find_blocks`][mrissl.nn.find_blocks]).
         indices: 1-based block numbers as in E-MIM, for example ``pyramid_levels(12, 4)``;
-            negative numbers count from the end. No repeats.
-        blocks: the block sequence to hook, when it is not ``model.blocks``.
-        num_prefix_tokens: tokens to strip from the front of every output (class and register
-            tokens). ``None`` reads ``model.num_prefix_tokens`` (timm) or finds MONAI's class
-            token; ``0`` keeps every token.
+            negative numbers count from the end. No repeats. ``None``: every block.
+        blocks: the modules to hook, when they are not found automatically: module objects or
+            their names in ``model.named_modules()`` (``"encoder.stage1"``). Each one's output
+            is a level: ``(B, N, E)`` tokens or a ``(B, C, D, H, W)`` feature map.
+        num_prefix_tokens: tokens to strip from the front of every token output (class and
+            register tokens). ``None`` reads ``model.num_prefix_tokens`` (timm) or finds MONAI's
+            class token; ``0`` keeps every token. Feature maps have none.
 
     Yields:
         An [`IntermediateFeatures`][mrissl.nn.IntermediateFeatures] sequence, filled during
         the forward pass: entry ``i`` is the ``(B, N, E)`` output of block ``indices[i]``
-        with the prefix tokens removed. Features keep their autograd graph, so losses on
-        them train the encoder.
+        with the prefix tokens removed, or its ``(B, C, D, H, W)`` feature map as
+        ``(B, D·H·W, C)`` tokens in raster order, with ``(D, H, W)`` in ``grids[i]``.
+        Features keep their autograd graph, so losses on them train the encoder.
 
     Raises:
-        TypeError: if no block sequence is found.
-        ValueError: if an index is 0, out of range or repeated.
+        TypeError: if no block sequence is found, or a block returns something else than
+            tokens or a 5-D feature map.
+        ValueError: if an index is 0, out of range or repeated, or a block name is unknown.
         RuntimeError: if a block runs twice in one ``with`` block.
 
     Examples:
@@ -221,9 +329,27 @@ def capture_intermediates(
         ...     _ = vit(torch.randn(3, 2, 32, 32, 32))
         >>> [tuple(f.shape) for f in feats]
         [(3, 64, 24), (3, 64, 24)]
+
+        The four stages of MONAI's ``SwinUNETR``, as tokens with their grids:
+
+        >>> from monai.networks.nets import SwinUNETR
+        >>> swin = SwinUNETR(in_channels=2, out_channels=3, feature_size=12, depths=(1, 1, 1, 1))
+        >>> with capture_intermediates(swin, [1, 2, 3, 4]) as feats:
+        ...     _ = swin.swinViT(torch.randn(1, 2, 32, 32, 64))
+        >>> [tuple(f.shape) for f in feats]
+        [(1, 1024, 24), (1, 128, 48), (1, 16, 96), (1, 2, 192)]
+        >>> feats.grids
+        [(8, 8, 16), (4, 4, 8), (2, 2, 4), (1, 1, 2)]
     """
-    seq = list(blocks) if blocks is not None else find_blocks(model)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if blocks is not None:
+        encoder, seq = model, _resolve_blocks(model, blocks)
+    else:
+        encoder, seq = _find_encoder(model)
     depth = len(seq)
+    if indices is None:
+        indices = range(1, depth + 1)
     resolved: list[int] = []
     for i in indices:
         if isinstance(i, bool) or not isinstance(i, int):
@@ -237,7 +363,7 @@ def capture_intermediates(
     if len(set(resolved)) != len(resolved):
         raise ValueError(f"indices must not repeat a block, got {list(indices)}")
     if num_prefix_tokens is None:
-        num_prefix_tokens = _detect_prefix_tokens(model)
+        num_prefix_tokens = _detect_prefix_tokens(encoder)
     elif num_prefix_tokens < 0:
         raise ValueError(f"num_prefix_tokens must be >= 0, got {num_prefix_tokens}")
 
