@@ -15,7 +15,7 @@ def levels(gen, n_levels=3, B=2, N=10, E=6):
 
 def test_total_is_the_weighted_sum_of_token_mode_levels_eq_7(gen):
     full, masked = levels(gen)
-    total, per_level = pyramid_barlow_twins(full, masked, weights=[1.0, 0.5, 2.0])
+    total, per_level = pyramid_barlow_twins(full, masked, weights=[1.0, 0.5, 2.0], reduction="sum")
     want = [barlow_twins(z, z_m, mode="token").item() for z, z_m in zip(full, masked, strict=True)]
     assert per_level.tolist() == pytest.approx(want, rel=1e-6)
     assert total.item() == pytest.approx(want[0] + 0.5 * want[1] + 2 * want[2], rel=1e-6)
@@ -25,7 +25,7 @@ def test_token_dropping_encoder_gathers_the_full_view_at_the_kept_positions(gen)
     full, _ = levels(gen)
     keep = torch.stack([torch.randperm(10, generator=gen)[:4] for _ in range(2)])
     masked = [gather_tokens(z, keep) + 0.1 for z in full]
-    total, _ = pyramid_barlow_twins(full, masked, keep=keep)
+    total, _ = pyramid_barlow_twins(full, masked, keep=keep, reduction="sum")
     want = sum(
         barlow_twins(gather_tokens(z, keep), z_m, mode="token")
         for z, z_m in zip(full, masked, strict=True)
@@ -101,3 +101,55 @@ def test_bad_input_names_the_argument_and_level(gen):
     bad[2][0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match=r"masked\[2\] contains NaN"):
         pyramid_barlow_twins(full, bad)
+
+
+def test_default_mean_reduction_divides_each_level_by_the_entries_of_its_matrix(gen):
+    full, masked = levels(gen, N=10, E=6)
+    total, per_level = pyramid_barlow_twins(full, masked, weights=[1.0, 0.5, 2.0])
+    # eq. 8 written out: Σ_ij (I − C)_ij² over the 10 × 10 cosine matrix, averaged over B
+    want = []
+    for z, z_m in zip(full, masked, strict=True):
+        u = z / z.norm(dim=-1, keepdim=True)
+        v = z_m / z_m.norm(dim=-1, keepdim=True)
+        c = u @ v.transpose(1, 2)
+        want.append(((torch.eye(10) - c) ** 2).sum(dim=(1, 2)).mean().item() / 100)
+    assert per_level.tolist() == pytest.approx(want, rel=1e-5)
+    assert total.item() == pytest.approx(want[0] + 0.5 * want[1] + 2 * want[2], rel=1e-5)
+
+
+def test_mean_reduction_uses_the_kept_tokens_and_the_feature_count(gen):
+    full, _ = levels(gen, n_levels=2, N=10, E=6)
+    keep = torch.stack([torch.randperm(10, generator=gen)[:4] for _ in range(2)])
+    masked = [gather_tokens(z, keep) + 0.3 for z in full]
+    mean, _ = pyramid_barlow_twins(full, masked, keep=keep)
+    summed, _ = pyramid_barlow_twins(full, masked, keep=keep, reduction="sum")
+    assert mean.item() == pytest.approx(summed.item() / 4**2, rel=1e-6)  # K × K matrices
+    feat_mean, _ = pyramid_barlow_twins(full, full, mode="feature")
+    feat_sum, _ = pyramid_barlow_twins(full, full, mode="feature", reduction="sum")
+    assert feat_mean.item() == pytest.approx(feat_sum.item() / 6**2, rel=1e-6, abs=1e-9)
+
+
+def test_module_default_is_the_mean_and_sum_is_eq_8_as_printed(gen):
+    full, masked = levels(gen, n_levels=4)
+    default = PyramidBarlowTwinsLoss(4)(full, masked)
+    as_printed = PyramidBarlowTwinsLoss(4, reduction="sum")(full, masked)
+    assert default.item() == pytest.approx(as_printed.item() / 10**2, rel=1e-6)
+
+
+def test_mean_reduction_of_random_features_does_not_grow_with_the_number_of_positions(gen):
+    small = pyramid_barlow_twins(*levels(gen, n_levels=1, N=16, E=64))[0].item()
+    large = pyramid_barlow_twins(*levels(gen, n_levels=1, N=256, E=64))[0].item()
+    assert large == pytest.approx(small, rel=0.3)
+
+
+def test_reduction_is_checked_and_excludes_scale_by_size(gen):
+    full, masked = levels(gen)
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        pyramid_barlow_twins(full, masked, reduction="none")
+    with pytest.raises(ValueError, match="scale_by_size=True divides each level by N"):
+        pyramid_barlow_twins(full, masked, scale_by_size=True)
+    with pytest.raises(ValueError, match="scale_by_size=True divides each level by N"):
+        PyramidBarlowTwinsLoss(3, scale_by_size=True)
+    total, _ = pyramid_barlow_twins(full, masked, scale_by_size=True, reduction="sum")
+    want, _ = pyramid_barlow_twins(full, masked, reduction="sum")
+    assert total.item() == pytest.approx(want.item() / 10, rel=1e-6)

@@ -164,3 +164,33 @@ def test_bad_input_names_the_argument(data):
     stacked = rearrange(patchify(pred, 4), "b c n p -> b n (c p)")
     with pytest.raises(ValueError, match="patch_size"):
         masked_reconstruction_loss(stacked, x, mask, patch_size=3)
+
+
+def sum_reference(pred, target, counted):
+    """E-MIM eq. 9: Σ (pred − target)² over each image's counted voxels, averaged over B."""
+    pred, target, counted = pred.numpy(), target.numpy(), counted.numpy()
+    per_image = [0.0] * target.shape[0]
+    for idx in np.ndindex(*target.shape):
+        if counted[idx]:
+            per_image[idx[0]] += float(pred[idx] - target[idx]) ** 2
+    return sum(per_image) / len(per_image)
+
+
+def test_sum_reduction_is_the_squared_norm_of_each_image_eq_9(data):
+    x, pred, _ = data
+    everything = torch.ones_like(x, dtype=torch.bool)
+    got = masked_reconstruction_loss(pred, x, on="all", reduction="sum")
+    assert got.item() == pytest.approx(sum_reference(pred, x, everything), rel=1e-12)
+
+
+def test_sum_reduction_counts_masked_voxels_of_existing_modalities(data):
+    x, pred, mask = data
+    available = torch.tensor([[True, False, True], [True, True, True]])
+    counted = token_mask_to_voxels(mask, 4, 8) & available[:, :, None, None, None]
+    for layout in (pred, patchify(pred, 4, layout="stacked")):
+        got = masked_reconstruction_loss(
+            layout, x, mask, patch_size=4, available=available, reduction="sum"
+        )
+        assert got.item() == pytest.approx(sum_reference(pred, x, counted), rel=1e-12)
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        masked_reconstruction_loss(pred, x, mask, patch_size=4, reduction="none")

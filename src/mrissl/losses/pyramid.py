@@ -8,6 +8,12 @@ levels (blocks ``12/L · l``, [`pyramid_levels`][mrissl.nn.pyramid_levels]) the 
     L^l     = Σ_i (1 − C^l_ii)² + Σ_i Σ_{j≠i} (C^l_ij)²          (E-MIM eq. 8)
     L_PBT   = Σ_l w_l L^l                                          (E-MIM eq. 7, w_l = 1)
 
+By default (``reduction="mean"``) each ``L^l`` is divided by the number of entries of its
+matrix, ``N²``: the mean squared distance of ``C^l`` from the identity, a number in ``[0, 1]``
+for any ``N`` (plus at most ``3/N`` on the diagonal), the scale of a mean-squared reconstruction
+loss, so that ``loss = loss + pbt(full, masked)`` balances the two terms. The weights of eq. 8
+are unchanged. ``reduction="sum"`` is eq. 8 as printed; the losses guide says when to use it.
+
 Two kinds of encoders are covered. A full-token encoder (SimMIM, E-MIM) sees every position in
 both views, so ``z^l`` and ``z_m^l`` are both ``(B, N, E)``. A token-dropping encoder (MAE)
 sees only the kept positions of the masked view, ``z_m^l: (B, K, E)``; given the ``keep``
@@ -30,6 +36,17 @@ from mrissl.losses.barlow_twins import BatchMode, Mode, barlow_twins
 from mrissl.nn import gather_tokens
 
 __all__ = ["PyramidBarlowTwinsLoss", "pyramid_barlow_twins"]
+
+Reduction = Literal["mean", "sum"]
+
+
+def _check_reduction(reduction: str, scale_by_size: bool) -> None:
+    check_choice(reduction, "reduction", ("mean", "sum"))
+    if reduction == "mean" and scale_by_size:
+        raise ValueError(
+            "scale_by_size=True divides each level by N and reduction='mean' by N²; pass "
+            "reduction='sum' with scale_by_size=True, or reduction='mean' alone"
+        )
 
 
 def _check_weights(
@@ -67,6 +84,7 @@ def pyramid_barlow_twins(
     scale_by_size: bool = False,
     eps: float = 1e-6,
     gather_distributed: bool = False,
+    reduction: Reduction = "mean",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pyramid Barlow Twins loss (E-MIM eqs. 4–8): the weighted sum of per-level losses.
 
@@ -81,13 +99,17 @@ def pyramid_barlow_twins(
         mode: ``"token"`` (E-MIM, ``N × N`` over positions) or ``"feature"``.
         lambda_offdiag: off-diagonal weight; ``None``: 1.0 in token mode (eq. 8).
         batch_mode: how the batch enters eq. 4 (see [`barlow_twins`][mrissl.losses.barlow_twins]).
-        scale_by_size: divide each level's loss by its matrix size.
+        scale_by_size: divide each level's loss by its matrix size (only with
+            ``reduction="sum"``).
         eps: smallest norm or standard deviation divided by.
         gather_distributed: use the global batch across processes, with gradients.
+        reduction: ``"mean"`` divides each level's eq. 8 by the number of entries of its
+            matrix (``N²`` in token mode, ``D²`` in feature mode), so that it is on the scale
+            of a mean-squared reconstruction loss; ``"sum"`` is eq. 8 as printed.
 
     Returns:
         ``(total, per_level)``: the scalar ``Σ_l w_l L^l`` and the ``(L,)`` unweighted level
-        losses (for logging; both keep their graph).
+        losses, each reduced as ``reduction`` says (for logging; both keep their graph).
 
     Raises:
         ValueError: naming the argument and the level, for different numbers of levels,
@@ -100,6 +122,9 @@ def pyramid_barlow_twins(
         >>> total, per_level = pyramid_barlow_twins(full, masked)
         >>> per_level.shape, bool(torch.isclose(total, per_level.sum()))
         (torch.Size([4]), True)
+        >>> as_printed, _ = pyramid_barlow_twins(full, masked, reduction="sum")  # eq. 8
+        >>> bool(torch.isclose(as_printed, 27**2 * total))
+        True
     """
     full, masked = list(full), list(masked)
     if len(full) == 0 or len(full) != len(masked):
@@ -108,6 +133,7 @@ def pyramid_barlow_twins(
             f"and {len(masked)}"
         )
     w = _check_weights(weights, len(full))
+    _check_reduction(reduction, scale_by_size)
     losses = []
     for level, (z, z_m) in enumerate(zip(full, masked, strict=True)):
         for name, t in (("full", z), ("masked", z_m)):
@@ -142,6 +168,9 @@ def pyramid_barlow_twins(
         except ValueError as err:
             msg = str(err).replace("z_a", f"full[{level}]").replace("z_b", f"masked[{level}]")
             raise ValueError(msg) from err
+        if reduction == "mean":  # eq. 8 over the entries of C: N² positions or D² features
+            size = z.shape[1] if mode == "token" else z.shape[-1]
+            loss = loss / (size * size)
         losses.append(loss)
     per_level = torch.stack(losses)
     if isinstance(w, torch.Tensor):
@@ -170,9 +199,13 @@ class PyramidBarlowTwinsLoss(nn.Module):
         lambda_offdiag: off-diagonal weight; ``None``: 1.0 in token mode (eq. 8).
         batch_mode: ``"per_sample"`` or ``"joint"`` (see
             [`barlow_twins`][mrissl.losses.barlow_twins]).
-        scale_by_size: divide each level's loss by its matrix size.
+        scale_by_size: divide each level's loss by its matrix size (only with
+            ``reduction="sum"``).
         eps: smallest norm or standard deviation divided by.
         gather_distributed: use the global batch across processes, with gradients.
+        reduction: ``"mean"`` (default: each level's eq. 8 divided by the number of entries of
+            its matrix, the scale of a mean-squared reconstruction loss) or ``"sum"`` (eq. 8 as
+            printed, for ``masked_reconstruction_loss(..., reduction="sum")``, E-MIM eq. 10).
 
     Attributes:
         levels: the level names: block numbers, or ``1 … L``.
@@ -201,6 +234,7 @@ class PyramidBarlowTwinsLoss(nn.Module):
         scale_by_size: bool = False,
         eps: float = 1e-6,
         gather_distributed: bool = False,
+        reduction: Reduction = "mean",
     ) -> None:
         super().__init__()
         if isinstance(levels, bool) or not isinstance(levels, (int, Sequence)):
@@ -213,6 +247,7 @@ class PyramidBarlowTwinsLoss(nn.Module):
         check_choice(mode, "mode", ("feature", "token"))
         check_choice(batch_mode, "batch_mode", ("per_sample", "joint"))
         check_positive(eps, "eps")
+        _check_reduction(reduction, scale_by_size)
         if lambda_offdiag is not None:
             check_positive(lambda_offdiag, "lambda_offdiag", allow_zero=True)
         self.levels: list[int] = names
@@ -225,6 +260,7 @@ class PyramidBarlowTwinsLoss(nn.Module):
         self.scale_by_size = scale_by_size
         self.eps = eps
         self.gather_distributed = gather_distributed
+        self.reduction: Reduction = reduction
 
     @overload
     def forward(
@@ -280,6 +316,7 @@ class PyramidBarlowTwinsLoss(nn.Module):
             scale_by_size=self.scale_by_size,
             eps=self.eps,
             gather_distributed=self.gather_distributed,
+            reduction=self.reduction,
         )
         if not return_levels:
             return total
@@ -289,5 +326,6 @@ class PyramidBarlowTwinsLoss(nn.Module):
         """The configuration, shown in ``repr(module)``."""
         return (
             f"levels={self.levels}, weights={self.weights}, mode={self.mode!r}, "
-            f"lambda_offdiag={self.lambda_offdiag}, batch_mode={self.batch_mode!r}"
+            f"lambda_offdiag={self.lambda_offdiag}, batch_mode={self.batch_mode!r}, "
+            f"reduction={self.reduction!r}"
         )

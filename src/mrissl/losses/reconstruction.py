@@ -4,13 +4,16 @@ The three papers reconstruct the same thing and differ in where the error is cou
 
 * MAE: the mean squared error over the **masked** patches only, optionally against targets
   normalised per patch (``norm_pix``);
-* E-MIM eq. 9: ``L_MIM = ||x − g(Transformer(x_m))||²`` over the **whole** image (``on="all"``);
+* E-MIM eq. 9: ``L_MIM = ||x − g(Transformer(x_m))||²`` over the **whole** image (``on="all"``),
+  a squared norm, i.e. a **sum** over voxels (``reduction="sum"``);
 * BrainMVP (``L_CMR``, ``L_MD``): the error against the original volume, with voxel masks.
 
-The loss is a mean over the counted voxels, ``Σ w (pred − target)² / Σ w``, where ``w`` selects
-the masked voxels (or all) of the modalities that exist: a modality marked missing in
-``available`` is never a target (DESIGN.md). The target is the original volume, a tensor
-separate from the masked input (REFERENCES.md: E-MIM's released code zeroed its own target).
+By default the loss is a mean over the counted voxels, ``Σ w (pred − target)² / Σ w``, where
+``w`` selects the masked voxels (or all) of the modalities that exist: a modality marked missing
+in ``available`` is never a target (DESIGN.md). ``reduction="sum"`` gives eq. 9's squared norm
+of each image, averaged over the batch, ``Σ w (pred − target)² / B``. The target is the original
+volume, a tensor separate from the masked input (REFERENCES.md: E-MIM's released code zeroed its
+own target).
 """
 
 from __future__ import annotations
@@ -72,8 +75,9 @@ def masked_reconstruction_loss(
     on: Literal["masked", "all"] = "masked",
     norm_pix: bool = False,
     available: torch.Tensor | None = None,
+    reduction: Literal["mean", "sum"] = "mean",
 ) -> torch.Tensor:
-    """Mean squared reconstruction error over the masked (or all) voxels of existing modalities.
+    """Squared reconstruction error over the masked (or all) voxels of existing modalities.
 
     Args:
         pred: the reconstruction, in one of three layouts: a volume ``(B, C, D, H, W)``
@@ -90,6 +94,10 @@ def masked_reconstruction_loss(
         norm_pix: compare with targets normalised per patch (MAE): per-modality patches over
             their voxels, stacked tokens over all modalities of the token.
         available: ``(B, C)`` bool, False for a missing modality: its voxels are never counted.
+        reduction: ``"mean"`` (MAE, BrainMVP: the mean over the counted voxels) or ``"sum"``
+            (E-MIM eq. 9's squared norm: the sum over each image's counted voxels, averaged
+            over the batch). The sum is as large as the number of counted voxels; see the
+            losses guide before adding it to other terms.
 
     Returns:
         The scalar loss, float32 (float64 for float64 inputs). When nothing is counted (no voxel
@@ -118,10 +126,17 @@ def masked_reconstruction_loss(
         >>> available = torch.tensor([[True] * 4, [True, True, True, False]])
         >>> float(masked_reconstruction_loss(guess, x, voxel_mask, available=available))
         0.0
+
+        E-MIM eq. 9 is a squared norm: the sum over each image, averaged over the batch:
+
+        >>> err = masked_reconstruction_loss(guess, x, on="all", reduction="sum")
+        >>> bool(torch.isclose(err, (guess - x).square().sum() / 2))
+        True
     """
     check_features(target, "target", ndim=5)
     check_features(pred, "pred", ndim=(3, 4, 5))
     check_choice(on, "on", ("masked", "all"))
+    check_choice(reduction, "reduction", ("mean", "sum"))
     B, C = target.shape[:2]
     if pred.shape[0] != B:
         raise ValueError(
@@ -206,7 +221,9 @@ def masked_reconstruction_loss(
                 w = av if w is None else w & av
             diff2 = (pred.to(dtype) - target.to(dtype)).square()
 
-        if w is None:
+        if reduction == "sum":  # E-MIM eq. 9: ||x − g(·)||² of each image, batch mean
+            loss = (diff2 if w is None else diff2 * w).sum() / B
+        elif w is None:
             loss = diff2.mean()
         else:
             count = w.expand(diff2.shape).sum()
