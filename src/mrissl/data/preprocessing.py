@@ -182,7 +182,7 @@ class _Pipeline(Compose):
     <...>")``; the message the user needs (the file, what is wrong) is in the cause.
     """
 
-    def __call__(self, input_: Any, *args: Any, **kwargs: Any) -> Any:
+    def __call__(self, input_: Any, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
         try:
             return super().__call__(input_, *args, **kwargs)
         except RuntimeError as err:
