@@ -7,7 +7,7 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import Compose
 
-from mrissl.data import LoadCased, preprocessing
+from mrissl.data import LoadCased, percentile_pair, preprocessing
 
 
 def _write_case(folder, data, affine):
@@ -92,10 +92,11 @@ def test_pipeline_is_a_compose_of_the_requested_steps():
         "LoadCased",
         "Orientationd",
         "Spacingd",
-        "ScaleIntensityRangePercentilesd",
+        "_ScalePercentilesd",
         "CropForegroundd",
         "SpatialPadd",
         "RandSpatialCropd",
+        "_Compact",
     ]
     assert isinstance(preprocessing(), Compose)
     bare = preprocessing(
@@ -124,3 +125,95 @@ def test_argument_validation():
         preprocessing(roi_size=0)
     with pytest.raises(TypeError, match="keys"):
         preprocessing(keys=[])
+
+
+def _reference_pipeline(load, crop_foreground, roi_size, crop, percentiles):
+    """The definition before the fast path: stock MONAI transforms only (a plain reference)."""
+    import functools
+
+    from monai.transforms import (
+        CenterSpatialCropd,
+        CropForegroundd,
+        Orientationd,
+        RandSpatialCropd,
+        ScaleIntensityRangePercentilesd,
+        Spacingd,
+        SpatialPadd,
+    )
+
+    keys = ["image"]
+    steps = [LoadCased(keys)] if load else []
+    steps += [
+        Orientationd(keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
+        Spacingd(keys, pixdim=(1.0, 1.0, 1.0), mode="bilinear"),
+        ScaleIntensityRangePercentilesd(
+            keys, lower=percentiles[0], upper=percentiles[1], b_min=0.0, b_max=1.0, clip=True,
+            channel_wise=True,
+        ),
+    ]  # fmt: skip
+    if crop_foreground:
+        steps.append(
+            CropForegroundd(
+                keys, source_key="image", allow_smaller=True,
+                select_fn=functools.partial(torch.gt, other=0.0),
+            )
+        )  # fmt: skip
+    if roi_size is not None:
+        steps.append(SpatialPadd(keys, spatial_size=(roi_size,) * 3))
+        cls = RandSpatialCropd if crop == "random" else CenterSpatialCropd
+        kw = {"random_size": False} if crop == "random" else {}
+        steps.append(cls(keys, roi_size=(roi_size,) * 3, **kw))
+    return Compose(steps)
+
+
+@pytest.mark.parametrize(
+    ("crop_foreground", "roi_size", "crop", "percentiles"),
+    [
+        (True, 24, "random", (1.0, 99.0)),
+        (True, 16, "center", (5.0, 95.0)),
+        (False, 40, "center", (1.0, 99.0)),
+        (False, None, "random", (0.0, 100.0)),
+    ],
+)
+def test_fast_pipeline_equals_the_monai_definition(
+    tmp_path, volume, crop_foreground, roi_size, crop, percentiles
+):
+    volume = volume.copy()
+    volume[1, :3] = 7.0  # ties
+    paths = _write_case(tmp_path, volume, np.diag([-1.5, -2.0, 1.0, 1.0]))
+    ours = preprocessing(
+        load=True, crop_foreground=crop_foreground, roi_size=roi_size, crop=crop,
+        percentiles=percentiles,
+    )  # fmt: skip
+    theirs = _reference_pipeline(True, crop_foreground, roi_size, crop, percentiles)
+    ours.set_random_state(seed=3)
+    theirs.set_random_state(seed=3)
+    a = ours({"image": paths})["image"]
+    b = theirs({"image": paths})["image"]
+    assert a.shape == b.shape
+    assert float((a.as_tensor() - b.as_tensor()).abs().max()) < 1e-6
+    np.testing.assert_allclose(a.affine.numpy(), b.affine.numpy())
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 1000])
+def test_percentile_pair_equals_numpy(n):
+    rng = np.random.default_rng(n)
+    for values in (rng.random(n).astype(np.float32), rng.integers(0, 5, n).astype(np.float32)):
+        for q in ((1.0, 99.0), (0.0, 100.0), (5.0, 95.0), (33.3, 66.6)):
+            got = percentile_pair(torch.from_numpy(values), *q)
+            np.testing.assert_allclose(got, np.percentile(values.astype(np.float64), q), rtol=1e-7)
+
+
+def test_crop_does_not_keep_the_uncropped_volume_alive(volume):
+    pipeline = preprocessing(orientation=None, spacing=None, percentiles=None, roi_size=8)
+    out = pipeline({"image": torch.from_numpy(volume)})["image"]
+    assert out.shape == (2, 8, 8, 8)
+    assert out.untyped_storage().nbytes() == out.numel() * out.element_size()
+
+
+def test_errors_inside_the_pipeline_name_the_file_not_the_transform(tmp_path, volume):
+    paths = _write_case(tmp_path, volume, np.eye(4))
+    nib.save(nib.Nifti1Image(volume[1], np.diag([2.0, 1.0, 1.0, 1.0])), paths["flair"])
+    with pytest.raises(ValueError, match=r"case_flair\.nii\.gz") as info:
+        preprocessing(load=True)({"image": paths})
+    assert "applying transform" not in str(info.value)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from mrissl.diagnostics import CollapseFloor, collapsed_loss_floor
+from mrissl.diagnostics import CollapseFloor, CollapseFloorMeter, collapsed_loss_floor
 
 # Small mask generators that satisfy the contract of mrissl.masking:
 #     mask = mask_generator(volume, patch_size, generator=g)
@@ -351,3 +351,119 @@ def test_half_precision_volumes_give_the_float32_floor():
         for v in (volumes.half().float(), volumes.half())
     ]  # fmt: skip
     assert runs[1].floor == pytest.approx(runs[0].floor, rel=1e-6)
+
+
+class EnumeratingMaskWithAvailability(EnumeratingMask):
+    """EnumeratingMask that accepts ``available=`` like the generators of mrissl.masking."""
+
+    def __call__(self, volume, patch_size, generator=None, available=None):
+        return super().__call__(volume, patch_size, generator=generator)
+
+
+def _brute_force_with_missing(volumes, present, voxel_masks, constant):
+    """As _brute_force_floor, where modality c of volume i exists only if present[i, c]."""
+    C = volumes.shape[1]
+    rss = np.zeros(C)
+    masked = np.zeros(C)
+    for c in range(C):
+        pairs = [(x, m) for x, p in zip(volumes, present, strict=True) if p[c] for m in voxel_masks]
+        if constant == "voxel":
+            for idx in np.ndindex(volumes.shape[2:]):
+                values = [x[c][idx] for x, m in pairs if m[c][idx]]
+                if values:
+                    rss[c] += sum((v - np.mean(values)) ** 2 for v in values)
+                    masked[c] += len(values)
+        else:
+            values = np.concatenate([x[c][m[c]] for x, m in pairs])
+            rss[c] = np.sum((values - values.mean()) ** 2)
+            masked[c] = values.size
+    return rss.sum() / masked.sum(), rss / masked
+
+
+@pytest.mark.parametrize("constant", ["voxel", "modality"])
+def test_missing_modalities_contribute_only_what_is_present(constant):
+    g = torch.Generator().manual_seed(11)
+    volumes = torch.rand(4, 2, 4, 4, 4, generator=g, dtype=torch.float64)
+    present = np.array([[True, True], [True, False], [False, True], [True, True]])
+    garbage = volumes.clone()
+    garbage[~torch.from_numpy(present)] = 1e6  # the values of a missing modality are ignored
+    family = _token_family(2, 8, 3)
+    exact, exact_mod = _brute_force_with_missing(
+        volumes.numpy(), present, [_token_to_voxel(m, 4, 2) for m in family], constant
+    )
+    items = [{"image": garbage[i], "available": torch.from_numpy(present[i])} for i in range(4)]
+    result = collapsed_loss_floor(
+        items, EnumeratingMaskWithAvailability(family), patch_size=2,
+        num_draws=2 * len(family), batch_size=4, constant=constant, debias=False,
+    )  # fmt: skip
+    assert result.floor == pytest.approx(exact, rel=1e-9)
+    np.testing.assert_allclose(result.per_modality.numpy(), exact_mod, rtol=1e-9)
+    assert result.per_modality_volumes.tolist() == [3, 3]
+    assert result.num_volumes == 4
+
+
+def test_available_reaches_the_mask_generator():
+    masking = pytest.importorskip("mrissl.masking")
+    volumes = torch.rand(3, 2, 8, 8, 8, generator=torch.Generator().manual_seed(12))
+    items = [{"image": v, "available": torch.tensor([True, i != 1])} for i, v in enumerate(volumes)]
+    r = collapsed_loss_floor(items, masking.ModalMask(1), patch_size=4, num_draws=4, seed=0)
+    assert math.isfinite(r.floor)
+    assert r.per_modality_volumes.tolist() == [3, 2]
+
+
+class CountingDataset(Dataset):
+    def __init__(self, volumes):
+        self.volumes, self.reads = volumes, 0
+
+    def __len__(self):
+        return len(self.volumes)
+
+    def __getitem__(self, i):
+        self.reads += 1
+        return self.volumes[i]
+
+
+@pytest.mark.parametrize("num_draws", [3, 12])
+def test_every_volume_is_read_once_whatever_the_number_of_draws(num_draws):
+    data = CountingDataset(torch.rand(5, 1, 4, 4, 4))
+    collapsed_loss_floor(data, RandomSubsetMask(2), patch_size=2, num_draws=num_draws)
+    assert data.reads == 5
+
+
+def test_seeded_draws_do_not_depend_on_batching_or_workers():
+    volumes = torch.rand(5, 2, 4, 4, 4, generator=torch.Generator().manual_seed(13))
+    runs = [
+        collapsed_loss_floor(
+            CountingDataset(volumes), RandomSubsetMask(3), patch_size=2, num_draws=6, seed=3,
+            batch_size=b, num_workers=w,
+        )
+        for b, w in ((1, 0), (4, 0), (2, 2))
+    ]  # fmt: skip
+    # the same masks; only float32 rounding of x - shift differs with the first batch
+    for r in runs[1:]:
+        assert r.floor == pytest.approx(runs[0].floor, rel=1e-6)
+        torch.testing.assert_close(r.per_modality, runs[0].per_modality, rtol=1e-6, atol=0)
+    other = collapsed_loss_floor(volumes, RandomSubsetMask(3), patch_size=2, num_draws=6, seed=4)
+    assert other.floor != runs[0].floor
+
+
+def test_meter_memory_does_not_grow_with_the_number_of_volumes():
+    meter = CollapseFloorMeter(RandomSubsetMask(2), patch_size=2, num_draws=6)
+    meter.update(torch.rand(2, 1, 4, 4, 4))
+    sizes = {k: v.numel() for k, v in meter._sums.items()}
+    for _ in range(10):
+        meter.update(torch.rand(2, 1, 4, 4, 4))
+    assert {k: v.numel() for k, v in meter._sums.items()} == sizes
+    assert meter.compute().num_volumes == 22
+    meter.reset()
+    with pytest.raises(ValueError, match="no volumes"):
+        meter.compute()
+
+
+def test_meter_equals_the_function_on_the_same_draws():
+    volumes = torch.rand(6, 2, 4, 4, 4, generator=torch.Generator().manual_seed(14))
+    whole = collapsed_loss_floor(volumes, RandomSubsetMask(3), patch_size=2, num_draws=6, seed=1)
+    meter = CollapseFloorMeter(RandomSubsetMask(3), patch_size=2, num_draws=6, seed=1)
+    for i in (5, 0, 3, 1, 4, 2):  # any order
+        meter.update(volumes[i], index=[i])
+    assert meter.compute().floor == pytest.approx(whole.floor, rel=1e-6)  # float32 x - shift

@@ -16,7 +16,7 @@ from mrissl.data.phantom import (
     Tissue,
     synthetic_phantom,
 )
-from mrissl.data.preprocessing import LoadCased, preprocessing
+from mrissl.data.preprocessing import LoadCased, percentile_pair, preprocessing
 from mrissl.data.template_transforms import TemplateMixd
 
 __all__ = [
@@ -38,6 +38,7 @@ __all__ = [
     "Tissue",
     "find_cases",
     "load_case",
+    "percentile_pair",
     "preprocessing",
     "synthetic_phantom",
 ]

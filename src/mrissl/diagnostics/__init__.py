@@ -11,7 +11,7 @@ the streaming [`EffectiveRankMeter`][mrissl.diagnostics.EffectiveRankMeter]).
 [`plot_spectrum`][mrissl.diagnostics.plot_spectrum] draws spectra (needs the ``plot`` extra).
 """
 
-from mrissl.diagnostics.floor import CollapseFloor, collapsed_loss_floor
+from mrissl.diagnostics.floor import CollapseFloor, CollapseFloorMeter, collapsed_loss_floor
 from mrissl.diagnostics.meter import EffectiveRankMeter, RankResult
 from mrissl.diagnostics.monitor import CollapseMonitor, CollapseStatus
 from mrissl.diagnostics.plot import plot_spectrum
@@ -24,6 +24,7 @@ from mrissl.diagnostics.spectrum import (
 
 __all__ = [
     "CollapseFloor",
+    "CollapseFloorMeter",
     "CollapseMonitor",
     "CollapseStatus",
     "EffectiveRankMeter",

@@ -10,6 +10,7 @@ for any mask generator and any dataset, with a standard error.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Sized
@@ -17,12 +18,16 @@ from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 import torch
+import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 
-from mrissl._checks import check_floating, check_tensor, to_triple
+from mrissl._checks import check_available, check_floating, check_tensor, to_triple
+from mrissl.distributed import all_reduce_, is_distributed
+from mrissl.distributed import rank as _rank
+from mrissl.distributed import world_size as _world_size
 from mrissl.nn import grid_size, unpatchify
 
-__all__ = ["CollapseFloor", "collapsed_loss_floor"]
+__all__ = ["CollapseFloor", "CollapseFloorMeter", "collapsed_loss_floor"]
 
 Constant = Literal["voxel", "modality"]
 Reduction = Literal["masked", "all"]
@@ -40,11 +45,13 @@ class CollapseFloor:
         per_modality: ``(C,)`` float64, the floor of the loss restricted to each modality's
             masked voxels (NaN for a modality that no evaluation draw masked).
         per_modality_std_error: ``(C,)`` float64 standard errors of ``per_modality``.
-        masked_fraction: the mean fraction of voxels masked per draw.
-        num_draws: the number of passes over the data (fit plus evaluation draws).
-        num_volumes: the number of volumes seen in one pass.
+        masked_fraction: the mean fraction of the present voxels masked per draw.
+        num_draws: the number of mask draws per volume (fit plus evaluation draws).
+        num_volumes: the number of volumes seen (over all processes when gathered).
         constant: ``"voxel"`` or ``"modality"`` (see the function).
         reduction: ``"masked"`` or ``"all"`` (see the function).
+        per_modality_volumes: ``(C,)`` int64, how many volumes had each modality present
+            (all of them unless ``available`` marked some missing).
     """
 
     floor: float
@@ -56,6 +63,7 @@ class CollapseFloor:
     num_volumes: int
     constant: str
     reduction: str
+    per_modality_volumes: torch.Tensor | None = None
 
     def __str__(self) -> str:
         return (
@@ -106,14 +114,19 @@ def _progress_bar(enabled: bool, total: int | None, desc: str) -> _Progress:
     return bar
 
 
-def _extract(item: Any, key: str, what: str) -> torch.Tensor:
-    """The image tensor of a batch or dataset item: a tensor, ``item[key]`` or ``item[0]``."""
+def _extract(item: Any, key: str, what: str) -> tuple[Any, Any, Any]:
+    """The image of a batch or item (a tensor, ``item[key]`` or ``item[0]``) and more.
+
+    Also returns the ``available`` and ``index`` entries when a mapping holds them.
+    """
+    available = index = None
     if isinstance(item, Mapping):
         if key not in item:
             raise ValueError(
                 f"{what} is a mapping without the key {key!r} (keys: {sorted(map(str, item))}); "
                 "pass key= naming the image entry"
             )
+        available, index = item.get("available"), item.get("index")
         item = item[key]
     elif isinstance(item, (tuple, list)) and item:
         item = item[0]
@@ -122,7 +135,7 @@ def _extract(item: Any, key: str, what: str) -> torch.Tensor:
             f"{what} must be a tensor, a mapping holding one under key {key!r}, or a tuple "
             f"whose first element is one; got {type(item).__name__}"
         )
-    return item
+    return item, available, index
 
 
 def _as_batch(x: torch.Tensor, what: str) -> torch.Tensor:
@@ -131,50 +144,122 @@ def _as_batch(x: torch.Tensor, what: str) -> torch.Tensor:
     return x.unsqueeze(0) if x.ndim == 4 else x
 
 
-class _Source:
-    """Re-iterable batches ``(B, C, D, H, W)`` from a tensor, a Dataset or a DataLoader."""
+def _as_index(index: Any, n: int, what: str) -> torch.Tensor | None:
+    if index is None:
+        return None
+    out = torch.as_tensor(index).reshape(-1)
+    if out.numel() != n or out.is_floating_point() or out.dtype == torch.bool:
+        raise ValueError(f"{what}: index must hold {n} integers, got {index!r}")
+    return out
 
-    def __init__(self, data: Any, batch_size: int, key: str) -> None:
+
+def _as_available(available: Any, shape: tuple[int, ...]) -> torch.Tensor | None:
+    if available is None:
+        return None
+    avail = torch.as_tensor(available)
+    return avail.unsqueeze(0) if avail.ndim == 1 and len(shape) == 4 else avail
+
+
+def _collate_list(items: list[Any]) -> list[Any]:
+    return items
+
+
+class _Source:
+    """Batches ``(volume, available, index)`` from a tensor, a Dataset or a DataLoader.
+
+    Tensors and Datasets are split among the processes of a distributed run (volume ``i`` goes
+    to rank ``i mod world_size``) and read with ``num_workers`` loader processes; a loader is
+    read as it comes (the caller shards it, e.g. with ``DistributedSampler``).
+    """
+
+    def __init__(self, data: Any, batch_size: int, key: str, num_workers: int, shard: bool) -> None:
         self.data, self.batch_size, self.key = data, batch_size, key
+        self.num_workers = num_workers
         self.is_loader = False
+        self.start, self.step = (_rank(), _world_size()) if shard else (0, 1)
         if isinstance(data, torch.Tensor):
             volumes = _as_batch(data, "data")
             self.data = volumes
-            self.length: int | None = -(-volumes.shape[0] // batch_size)
+            self.indices = list(range(volumes.shape[0]))[self.start :: self.step]
         elif isinstance(data, DataLoader) or (
             isinstance(data, Iterable)
             and not isinstance(data, (Dataset, Sequence))
             and iter(data) is not data
         ):
             self.is_loader = True
-            self.length = len(data) if isinstance(data, Sized) else None
+            self.indices = []
         elif hasattr(data, "__getitem__") and hasattr(data, "__len__"):
-            self.length = -(-len(data) // batch_size)
+            self.indices = list(range(len(data)))[self.start :: self.step]
         else:
             raise TypeError(
                 "data must be a tensor (M, C, D, H, W) or (C, D, H, W), a map-style Dataset of "
                 "(C, D, H, W) tensors, or a re-iterable DataLoader of (B, C, D, H, W) batches; "
                 f"got {type(data).__name__}"
             )
+        self.length: int | None = -(-len(self.indices) // batch_size)
+        if self.is_loader:
+            self.length = len(data) if isinstance(data, Sized) else None
 
-    def __iter__(self) -> Iterator[torch.Tensor]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, Any, Any]]:
         if isinstance(self.data, torch.Tensor):
-            yield from torch.split(self.data, self.batch_size)
+            for start in range(0, len(self.indices), self.batch_size):
+                rows = self.indices[start : start + self.batch_size]
+                yield self.data[rows], None, torch.tensor(rows)
         elif self.is_loader:
+            count = 0
             for batch in self.data:
-                yield _as_batch(_extract(batch, self.key, "a batch of data"), "a batch of data")
+                x, available, index = _extract(batch, self.key, "a batch of data")
+                x = _as_batch(x, "a batch of data")
+                if index is None:  # the position in the loader
+                    index = torch.arange(count, count + x.shape[0])
+                count += x.shape[0]
+                yield x, _as_available(available, tuple(x.shape)), index
         else:
-            n = len(self.data)
-            for start in range(0, n, self.batch_size):
-                items = []
-                for i in range(start, min(start + self.batch_size, n)):
-                    x = _extract(self.data[i], self.key, f"data[{i}]")
-                    check_tensor(x, f"data[{i}]", ndim=4)
-                    items.append(x)
-                if all(x.shape == items[0].shape for x in items):
-                    yield _as_batch(torch.stack(items), "a batch of data")
-                else:  # crops of different sizes: one volume at a time
-                    yield from (_as_batch(x, "data item") for x in items)
+            batches = [
+                self.indices[s : s + self.batch_size]
+                for s in range(0, len(self.indices), self.batch_size)
+            ]
+            loader = DataLoader(
+                _Indexed(self.data),
+                batch_sampler=batches,
+                num_workers=self.num_workers,
+                collate_fn=_collate_list,
+            )
+            for items in loader:
+                yield from self._group(items)
+
+    def _group(self, items: list[Any]) -> Iterator[tuple[torch.Tensor, Any, Any]]:
+        parts = []
+        for i, item in items:
+            x, available, index = _extract(item, self.key, f"data[{i}]")
+            check_tensor(x, f"data[{i}]", ndim=4)
+            parts.append((x, available, i if index is None else index))
+        if all(p[0].shape == parts[0][0].shape for p in parts) and all(
+            (p[1] is None) == (parts[0][1] is None) for p in parts
+        ):
+            volume = _as_batch(torch.stack([p[0] for p in parts]), "a batch of data")
+            available = (
+                None if parts[0][1] is None else torch.stack([torch.as_tensor(p[1]) for p in parts])
+            )
+            yield volume, available, torch.tensor([int(p[2]) for p in parts])
+        else:  # crops of different sizes: one volume at a time
+            for x, available, index in parts:
+                yield (
+                    _as_batch(x, "data item"),
+                    _as_available(available, tuple(x.shape)),
+                    torch.tensor([int(index)]),
+                )
+
+
+class _Indexed(Dataset[tuple[int, Any]]):
+    def __init__(self, data: Any) -> None:
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> tuple[int, Any]:
+        return i, self.data[i]
 
 
 def _voxel_mask(mask: Any, volume: torch.Tensor, patch_size: PatchSize) -> torch.Tensor:
@@ -234,6 +319,9 @@ def collapsed_loss_floor(
     batch_size: int = 4,
     key: str = "image",
     generator: torch.Generator | None = None,
+    seed: int | None = None,
+    num_workers: int = 0,
+    gather_distributed: bool = False,
     device: torch.device | str | None = None,
     progress: bool | None = None,
     debias: bool = True,
@@ -259,12 +347,15 @@ def collapsed_loss_floor(
     * ``reduction="all"``: the loss averaged over all voxels with unmasked ones contributing 0
       (E-MIM eq. 9), which is the ``"masked"`` floor times the masked fraction.
 
-    Estimation: every draw is one pass over ``data`` with a fresh mask for every volume.
+    Estimation reads ``data`` once, whatever ``num_draws``: every volume gets ``num_draws``
+    independent masks, and the sums below are kept per draw
+    ([`CollapseFloorMeter`][mrissl.diagnostics.CollapseFloorMeter] does the bookkeeping).
 
     1. The first ``num_draws // 2`` draws fit the constants ``ĉ = Σ m x / Σ m`` (a voxel never
-       masked there uses its mean over all fitted volumes).
+       masked there uses its mean over all volumes).
     2. Each remaining draw gives one value ``L_r``: the loss of ``ĉ`` on that draw's own,
-       unseen masks. Held out, ``ĉ`` costs its own variance on top of the floor,
+       unseen masks, computed at the end from the draw's sums ``Σ m``, ``Σ m x`` and
+       ``Σ m x²``. Held out, ``ĉ`` costs its own variance on top of the floor,
        ``E[L_r] = Var(x_m) + Var(ĉ)``; with ``debias=True`` an estimate of ``Var(ĉ)`` from the
        fit draws (sample variance / number of masked values, times the finite-population factor
        ``(n − s₀)/(n − 1)`` of choosing ``s₀`` masked values among the ``n`` draw × volume pairs)
@@ -274,10 +365,16 @@ def collapsed_loss_floor(
        randomness of the masks (and of the loader's augmentations, if any), the dataset being
        the population.
 
+    Missing modalities: items or batches that are mappings may carry ``"available"``, a
+    ``(C,)`` or ``(B, C)`` bool tensor (True = present). A case then contributes only the
+    modalities it has: they are passed to ``mask_generator`` as ``available=``, and a missing
+    modality is never a target.
+
     Elementwise work runs in float32 (float64 input stays float64) and every sum is accumulated
-    in float64 on ``device``; memory is five ``(C, D, H, W)`` float64 arrays plus a few copies
-    of one batch in float32, so choose ``batch_size`` (or the loader's) for your volume size.
-    With few volumes, raise ``num_draws``.
+    in float64 on ``device`` (mask counts of ``constant="voxel"`` in float32, exact up to 2²⁴
+    volumes). Memory does not grow with the number of volumes: with ``constant="voxel"`` it is
+    about ``(12 + 12·num_draws/2)`` bytes per voxel of one ``(C, D, H, W)`` volume, plus a few
+    copies of one batch.
 
     Args:
         data: a float tensor ``(M, C, D, H, W)`` or ``(C, D, H, W)``; a map-style Dataset
@@ -285,19 +382,30 @@ def collapsed_loss_floor(
             tuples whose first element is one; or a re-iterable DataLoader (any re-iterable)
             yielding ``(B, C, D, H, W)`` batches in the same three forms.
         mask_generator: called as ``mask_generator(volume, patch_size, generator=generator)``
-            with ``volume: (B, C, D, H, W)``; returns ``(B, C, N)`` bool token masks,
-            ``(B, N)`` per-position masks or ``(B, C, D, H, W)`` bool voxel masks, True =
-            masked (token grid of ``patch_size``, raster order, depth slowest).
+            with ``volume: (B, C, D, H, W)`` (and ``available=`` when the data carry it);
+            returns ``(B, C, N)`` bool token masks, ``(B, N)`` per-position masks or
+            ``(B, C, D, H, W)`` bool voxel masks, True = masked (token grid of ``patch_size``,
+            raster order, depth slowest).
         patch_size: the patch size of the token grid, an int or 3 ints; ``None`` for
             generators that use their own block size (BlockMask-like): their token masks are
             then read on the grid of the generator's ``block_size`` attribute, and voxel masks
             need no grid.
-        num_draws: passes over the data, ``>= 3`` (at least 2 evaluation draws).
+        num_draws: masks per volume, ``>= 3`` (at least 2 evaluation draws).
         constant: ``"voxel"`` or ``"modality"``, see above.
         reduction: ``"masked"`` or ``"all"``, see above.
         batch_size: volumes per call of ``mask_generator`` for tensors and Datasets.
         key: the image entry of mapping items or batches (MONAI's default ``"image"``).
         generator: passed to ``mask_generator``; seeds the draws reproducibly.
+        seed: instead of ``generator``, draw the masks of the volume with index ``i`` from its
+            own generator seeded by ``(seed, i)``: the result then does not depend on the
+            batch size, the number of workers or of processes. ``i`` is the volume's position
+            in a tensor or Dataset, the ``"index"`` entry of mapping batches, or else the
+            position in the loader.
+        num_workers: loader processes reading a Dataset (``torch.utils.data.DataLoader``).
+        gather_distributed: merge the sums of every process with ``torch.distributed``
+            all-reduce, so every process returns the floor of the whole dataset. Tensors and
+            Datasets are then split among the processes (volume ``i`` to rank
+            ``i mod world_size``); a loader must be sharded by the caller.
         device: where masks are drawn and sums accumulated (default: the data's device for a
             tensor, else the CPU).
         progress: show a progress bar (tqdm if installed, else a line on stderr); default
@@ -324,130 +432,329 @@ def collapsed_loss_floor(
         >>> result = collapsed_loss_floor(volumes, random_tokens, patch_size=4, num_draws=20,
         ...                               generator=g)
         >>> exact = volumes.var(dim=0, unbiased=False).mean()  # every voxel equally likely masked
-        >>> print(f"{result.floor:.4f} ± {result.std_error:.4f} vs exact {exact:.4f}")
-        0.0679 ± 0.0004 vs exact 0.0680
+        >>> print(f"{result.floor:.3f} vs exact {exact:.3f}")
+        0.068 vs exact 0.068
         >>> round(result.masked_fraction, 3), tuple(result.per_modality.shape)
         (0.375, (2,))
     """
-    _check_choice(constant, "constant", ("voxel", "modality"))
-    _check_choice(reduction, "reduction", ("masked", "all"))
-    _check_count(num_draws, "num_draws", 3)
     _check_count(batch_size, "batch_size", 1)
-    if not callable(mask_generator):
-        raise TypeError(f"mask_generator must be callable, got {type(mask_generator).__name__}")
-    if patch_size is not None:
-        to_triple(patch_size, "patch_size")
-    source = _Source(data, batch_size, key)
-    if device is None:
-        device = source.data.device if isinstance(source.data, torch.Tensor) else "cpu"
-    dev = torch.device(device)
+    _check_count(num_workers, "num_workers", 0)
+    meter = CollapseFloorMeter(
+        mask_generator,
+        patch_size=patch_size,
+        num_draws=num_draws,
+        constant=constant,
+        reduction=reduction,
+        generator=generator,
+        seed=seed,
+        gather_distributed=gather_distributed,
+        device=device,
+        debias=debias,
+    )
+    source = _Source(data, batch_size, key, num_workers, shard=gather_distributed)
+    if device is None and isinstance(source.data, torch.Tensor):
+        meter.device = source.data.device
     show = source.is_loader if progress is None else bool(progress)
-    total = None if source.length is None else source.length * num_draws
-    bar = _progress_bar(show, total, "collapsed_loss_floor")
-
-    fit_draws = num_draws // 2
-    state = _State(constant, dev, debias)
+    bar = _progress_bar(show and _rank() == 0, source.length, "collapsed_loss_floor")
     try:
-        for draw in range(fit_draws):
-            state.run_draw(source, mask_generator, patch_size, generator, draw, bar, fit=True)
-        state.fix_constants()
-        for draw in range(fit_draws, num_draws):
-            state.run_draw(source, mask_generator, patch_size, generator, draw, bar, fit=False)
+        for volume, available, index in source:
+            meter.update(volume, available=available, index=index)
+            bar.update()
     finally:
         bar.close()
-    return _summarise(state, reduction, num_draws)
+    return meter.compute()
 
 
-class _State:
-    """Running sums of the fit draws and one ``(rss, masked, voxels)`` row per evaluation draw."""
+def _seed_for(seed: int, index: int) -> int:
+    """A 63-bit seed for volume ``index``: the same on every process and worker."""
+    digest = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
 
-    def __init__(self, constant: str, device: torch.device, debias: bool) -> None:
-        self.constant, self.device, self.debias = constant, device, debias
-        self.reduce_dims: tuple[int, ...] = (0,) if constant == "voxel" else (0, 2, 3, 4)
-        zero = torch.zeros((), dtype=torch.float64, device=device)
-        self.s0 = self.s1 = self.s2 = self.x_sum = self.n_fit = zero
-        self.c = self.var_c = zero
-        self.shift: torch.Tensor | None = None
-        self.shape: tuple[int, ...] | None = None
-        self.rows: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+class CollapseFloorMeter:
+    """The complete-collapse floor, streamed: ``update`` with batches, ``compute`` at the end.
+
+    [`collapsed_loss_floor`][mrissl.diagnostics.collapsed_loss_floor] runs one. Every
+    ``update`` draws ``num_draws`` masks for each volume and adds them to per-draw sums
+    (see the function for the estimator); nothing is kept per volume, so memory does not grow
+    with the dataset, and the data are read once. ``compute`` merges the sums of all processes
+    with ``torch.distributed`` all-reduce when ``gather_distributed=True`` (every process must
+    call it), giving the floor of the whole dataset. Several meters can share one pass over
+    the data (one per mask generator).
+
+    Args:
+        mask_generator: as in the function.
+        patch_size: as in the function.
+        num_draws: masks per volume, ``>= 3``.
+        constant: ``"voxel"`` or ``"modality"``.
+        reduction: ``"masked"`` or ``"all"``.
+        generator: the random source of the masks when ``update`` gets no ``index``.
+        seed: with ``update(..., index=...)``, each volume's masks come from a generator
+            seeded by ``(seed, index)``: results independent of batching and processes.
+        gather_distributed: merge every process's sums in ``compute``.
+        device: where masks are drawn and sums kept (default: the CPU).
+        debias: as in the function.
+
+    Examples:
+        >>> g = torch.Generator().manual_seed(0)
+        >>> def half(volume, patch_size, generator=None, available=None):  # 4 of 8 tokens
+        ...     scores = torch.rand(volume.shape[0], volume.shape[1], 8, generator=generator)
+        ...     return scores.argsort(dim=-1).argsort(dim=-1) < 4
+        >>> meter = CollapseFloorMeter(half, patch_size=4, num_draws=6, seed=0)
+        >>> for i in range(3):  # one case at a time; the second one lacks modality 1
+        ...     x = torch.rand(1, 2, 8, 8, 8, generator=g)
+        ...     meter.update(x, available=torch.tensor([[True, i != 1]]), index=[i])
+        >>> result = meter.compute()
+        >>> result.num_volumes, result.per_modality_volumes.tolist()
+        (3, [3, 2])
+    """
+
+    def __init__(
+        self,
+        mask_generator: MaskGenerator,
+        *,
+        patch_size: PatchSize,
+        num_draws: int = 10,
+        constant: Constant = "voxel",
+        reduction: Reduction = "masked",
+        generator: torch.Generator | None = None,
+        seed: int | None = None,
+        gather_distributed: bool = False,
+        device: torch.device | str | None = None,
+        debias: bool = True,
+    ) -> None:
+        _check_choice(constant, "constant", ("voxel", "modality"))
+        _check_choice(reduction, "reduction", ("masked", "all"))
+        _check_count(num_draws, "num_draws", 3)
+        if not callable(mask_generator):
+            raise TypeError(f"mask_generator must be callable, got {type(mask_generator).__name__}")
+        if patch_size is not None:
+            to_triple(patch_size, "patch_size")
+        if seed is not None:
+            _check_count(seed, "seed", 0)
+        self.mask_generator, self.patch_size = mask_generator, patch_size
+        self.num_draws, self.constant, self.reduction = num_draws, constant, reduction
+        self.generator, self.seed = generator, seed
+        self.gather_distributed, self.debias = gather_distributed, debias
+        self.device = torch.device("cpu" if device is None else device)
+        self.fit_draws = num_draws // 2
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every volume seen."""
+        self._shape: tuple[int, ...] | None = None
+        self._sums: dict[str, torch.Tensor] = {}
         self.num_volumes = 0
 
-    def fix_constants(self) -> None:
+    def _allocate(self, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+        """Sums per constant (``(C, D, H, W)`` or ``(C,)``); the evaluation draws' per draw."""
+        C = shape[0]
+        per = tuple(shape) if self.constant == "voxel" else (C,)
+        count = torch.float32 if self.constant == "voxel" else torch.float64
+        E, f64, dev = self.num_draws - self.fit_draws, torch.float64, self.device
+        self._sums = {
+            "shift": torch.zeros(per, dtype=dtype, device=dev),
+            "s0": torch.zeros(per, dtype=count, device=dev),  # fit: Σ m
+            "s1": torch.zeros(per, dtype=f64, device=dev),  # fit: Σ m (x - shift)
+            "s2": torch.zeros(per, dtype=f64, device=dev),  # fit: Σ m (x - shift)²
+            "x_sum": torch.zeros(per, dtype=f64, device=dev),  # Σ x over present volumes
+            "n": torch.zeros(C, dtype=f64, device=dev),  # values per constant
+            "e0": torch.zeros((E, *per), dtype=count, device=dev),  # per evaluation draw
+            "e1": torch.zeros((E, *per), dtype=f64, device=dev),
+            "e2": torch.zeros((E, C), dtype=f64, device=dev),
+            "voxels": torch.zeros(C, dtype=f64, device=dev),  # present voxels
+            "fit_masked": torch.zeros(self.fit_draws, dtype=f64, device=dev),
+            "volumes": torch.zeros(C, dtype=f64, device=dev),  # volumes per modality
+        }
+        self._shape = tuple(shape)
+
+    def _masks(
+        self, x: torch.Tensor, available: torch.Tensor | None, index: torch.Tensor | None
+    ) -> list[torch.Tensor]:
+        """``num_draws`` voxel masks ``(B, C, D, H, W)`` bool, True = masked and present."""
+        extra = {} if available is None else {"available": available}
+        grid_patch = self.patch_size
+        if grid_patch is None:  # BlockMask-like: tokens are the generator's own blocks
+            grid_patch = getattr(self.mask_generator, "block_size", None)
+        draws: list[list[Any]] = []
+        if self.seed is not None and index is not None:
+            for b, i in enumerate(index.tolist()):
+                g = torch.Generator(device=x.device).manual_seed(_seed_for(self.seed, int(i)))
+                one = x[b : b + 1]
+                kw = {} if available is None else {"available": available[b : b + 1]}
+                draws.append(
+                    [
+                        _voxel_mask(self.mask_generator(one, self.patch_size, generator=g, **kw),
+                                    one, grid_patch)
+                        for _ in range(self.num_draws)
+                    ]
+                )  # fmt: skip
+            masks = [torch.cat([d[r] for d in draws]) for r in range(self.num_draws)]
+        else:
+            masks = [
+                _voxel_mask(
+                    self.mask_generator(x, self.patch_size, generator=self.generator, **extra),
+                    x,
+                    grid_patch,
+                )
+                for _ in range(self.num_draws)
+            ]
+        if available is not None:  # a missing modality is never a target
+            present = available[:, :, None, None, None]
+            masks = [m & present for m in masks]
+        return masks
+
+    def update(
+        self,
+        volume: torch.Tensor,
+        *,
+        available: torch.Tensor | None = None,
+        index: Sequence[int] | torch.Tensor | None = None,
+    ) -> None:
+        """Add a batch of volumes.
+
+        Args:
+            volume: ``(B, C, D, H, W)`` or ``(C, D, H, W)`` floating.
+            available: ``(B, C)`` (or ``(C,)``) bool, True = modality present; ``None`` means
+                all present. The values of a missing modality are ignored.
+            index: ``(B,)`` the volumes' indices in the dataset, for ``seed``.
+
+        Raises:
+            TypeError, ValueError: for a bad volume, mask or ``available``, or a shape that
+                differs from the first volume's (``constant="voxel"``).
+        """
+        x = _as_batch(volume, "volume").to(self.device)
+        B, C = x.shape[:2]
+        avail = None
+        if available is not None:
+            given = torch.as_tensor(available)
+            given = given.unsqueeze(0) if given.ndim == 1 else given
+            avail = check_available(given, B, C, self.device)
+        idx = _as_index(index, B, "update")
+        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        if self._shape is None:
+            self._allocate(tuple(x.shape[1:]), dtype)
+        else:
+            _check_shape(x, self._shape, self.constant)
+        sums = self._sums
+        masks = self._masks(x, avail, idx)
+        f64 = torch.float64
+        count = sums["s0"].dtype
+        dims: tuple[int, ...] = (0,) if self.constant == "voxel" else (0, 2, 3, 4)
+        xf = x.to(dtype)
+        present = torch.ones(B, C, dtype=torch.bool, device=self.device) if avail is None else avail
+        if avail is not None:
+            xf = torch.where(present[:, :, None, None, None], xf, 0.0)
+        if self.num_volumes == 0:  # any reference value; it keeps s2 - s1²/s0 accurate
+            n_first = present.sum(dim=0).clamp(min=1).to(dtype)
+            mean = xf.sum(dim=dims, dtype=dtype)
+            per_constant = 1 if self.constant == "voxel" else x[0, 0].numel()
+            mean = mean / (n_first * per_constant).view(-1, *([1] * (mean.ndim - 1)))
+            sums["shift"].copy_(mean)
+        shift = sums["shift"] if self.constant == "voxel" else sums["shift"].view(-1, 1, 1, 1)
+        xc = xf - shift
+        spatial = x[0, 0].numel()
+        for r, m in enumerate(masks):
+            xm = torch.where(m, xc, 0.0)
+            s0 = m.sum(dim=dims, dtype=count)
+            s1 = xm.sum(dim=dims, dtype=f64)
+            if r < self.fit_draws:
+                sums["s0"] += s0
+                sums["s1"] += s1
+                sums["s2"] += (xm * xc).sum(dim=dims, dtype=f64)
+                sums["fit_masked"][r] += s0.sum(dtype=f64)
+            else:
+                e = r - self.fit_draws
+                sums["e0"][e] += s0
+                sums["e1"][e] += s1
+                sums["e2"][e] += (xm * xc).sum(dim=(0, 2, 3, 4), dtype=f64)
+        per_volume = present.sum(dim=0).to(f64)
+        sums["x_sum"] += xf.sum(dim=dims, dtype=f64)
+        sums["n"] += per_volume * (1 if self.constant == "voxel" else spatial)
+        sums["voxels"] += per_volume * spatial
+        sums["volumes"] += per_volume
+        self.num_volumes += B
+
+    def compute(self) -> CollapseFloor:
+        """The floor of everything seen (by every process when ``gather_distributed``).
+
+        Raises:
+            ValueError: if no volume was seen, or a draw masked no voxel at all.
+        """
+        gather = self.gather_distributed and is_distributed()
+        if gather:
+            self._agree_on_shape()
+        if self._shape is None:
+            raise ValueError("data yielded no volumes")
+        s = dict(self._sums)
+        reduce = all_reduce_ if gather else (lambda t: t)
+        for name in ("n", "x_sum", "voxels", "volumes", "fit_masked"):
+            s[name] = reduce(s[name].clone())
+        volumes = self._total_volumes() if gather else self.num_volumes
+        if float(s["fit_masked"].min()) == 0:
+            draw = int(torch.argmin(s["fit_masked"]))
+            raise ValueError(_NOTHING_MASKED.format(draw=draw))
+        shift = s["shift"].to(torch.float64)
+        s0_local = s["s0"].to(torch.float64)
+        s0 = reduce(s0_local.clone())
+        # the masked mean over all processes, then Σ m (x - mean)² from each process's shifted
+        # sums (its own shift keeps them accurate) without losing precision to cancellation
+        mean = reduce(s["s1"] + shift * s0_local) / s0.clamp(min=1.0)
+        d = mean - shift
+        m2 = reduce(s["s2"] - 2 * d * s["s1"] + d * d * s0_local)
+        n = s["n"] if self.constant == "modality" else s["n"].view(-1, 1, 1, 1)
+        fallback = s["x_sum"] / n.clamp(min=1.0)
         # E-MIM eq. 3: the best constant is the mean of the masked voxels, c = Σ m x / Σ m;
         # a voxel that was never masked while fitting falls back to its overall mean
-        s0, n = self.s0, self.n_fit
-        shift = torch.zeros_like(self.s1) if self.shift is None else self.shift
-        fallback = self.x_sum / n.clamp(min=1.0)
-        mean = self.s1 / s0.clamp(min=1.0)  # of the shifted values
-        self.c = torch.where(s0 > 0, shift + mean, fallback)
+        c = torch.where(s0 > 0, mean, fallback)
         # Held out, the fitted constants cost their own variance on top of the floor:
         # Var(c_hat) = sample variance / s0, times the finite-population factor (n - s0)/(n - 1)
         # of drawing s0 masked values out of the n (draw, volume) pairs seen while fitting.
-        sample_var = (self.s2 - mean * self.s1).clamp(min=0) / (s0 - 1).clamp(min=1.0)
-        fpc = ((n - s0) / (n - 1).clamp(min=1.0)).clamp(min=0)
-        self.var_c = torch.where(s0 > 1, sample_var / s0.clamp(min=1.0) * fpc, 0.0)
+        sample_var = m2.clamp(min=0) / (s0 - 1).clamp(min=1.0)
+        pairs = n * self.fit_draws
+        fpc = ((pairs - s0) / (pairs - 1).clamp(min=1.0)).clamp(min=0)
+        var_c = torch.where(s0 > 1, sample_var / s0.clamp(min=1.0) * fpc, 0.0)
         if not self.debias:
-            self.var_c = torch.zeros_like(self.var_c)
-        if self.constant == "modality":
-            self.c = self.c.view(-1, 1, 1, 1)
-            self.var_c = self.var_c.view(-1, 1, 1, 1)
-
-    def run_draw(
-        self,
-        source: _Source,
-        mask_generator: MaskGenerator,
-        patch_size: PatchSize,
-        generator: torch.Generator | None,
-        draw: int,
-        bar: _Progress,
-        *,
-        fit: bool,
-    ) -> None:
-        per_modality = (0, 2, 3, 4)
-        zero = torch.zeros((), dtype=torch.float64, device=self.device)
-        rss = masked = voxels = zero
-        seen = 0
-        for volume in source:
-            volume = volume.to(self.device)
-            if self.shape is None:
-                self.shape = tuple(volume.shape[1:])
-            _check_shape(volume, self.shape, self.constant)
-            raw = mask_generator(volume, patch_size, generator=generator)
-            grid_patch = patch_size
-            if grid_patch is None:  # BlockMask-like: tokens are the generator's own blocks
-                grid_patch = getattr(mask_generator, "block_size", None)
-            # elementwise work in float32 (float64 input stays float64), every sum in float64
-            dtype = torch.float64 if volume.dtype == torch.float64 else torch.float32
-            m = _voxel_mask(raw, volume, grid_patch).to(dtype)
-            x = volume.to(dtype)
+            var_c = torch.zeros_like(var_c)
+        # E-MIM eq. 2 on each evaluation draw, less the constants' noise:
+        # Σ m (x - c)² - Var(c) Σ m with x - c = (x - shift) - (c - shift)
+        d = c - shift
+        weight = d * d - var_c
+        if self.constant == "voxel":  # one evaluation draw at a time: no (E, C, D, H, W) temps
+            dims = (1, 2, 3)
             f64 = torch.float64
-            seen += volume.shape[0]
-            if fit:
-                if self.shift is None:  # any reference value; it keeps s2 - s1²/s0 accurate
-                    self.shift = x.mean(dim=self.reduce_dims, dtype=f64)
-                shift = self.shift if self.constant == "voxel" else self.shift.view(-1, 1, 1, 1)
-                xc = x - shift.to(dtype)
-                xm = m * xc
-                self.s0 = self.s0 + m.sum(dim=self.reduce_dims, dtype=f64)
-                self.s1 = self.s1 + xm.sum(dim=self.reduce_dims, dtype=f64)
-                self.s2 = self.s2 + (xm * xc).sum(dim=self.reduce_dims, dtype=f64)
-                self.x_sum = self.x_sum + x.sum(dim=self.reduce_dims, dtype=f64)
-                per_constant = 1 if self.constant == "voxel" else x[0, 0].numel()
-                self.n_fit = self.n_fit + volume.shape[0] * per_constant
-                masked = masked + m.sum()
-            else:
-                sq = (x - self.c.to(dtype)) ** 2 - self.var_c.to(dtype)  # E-MIM eq. 2, less
-                rss = rss + (m * sq).sum(dim=per_modality, dtype=f64)  # the constants' noise
-                masked = masked + m.sum(dim=per_modality, dtype=f64)
-                voxels = voxels + volume.shape[0] * x[0, 0].numel()
-            bar.update()
-        if seen == 0:
-            raise ValueError("data yielded no volumes")
-        self.num_volumes = seen
-        if float(masked.sum()) == 0:
-            raise ValueError(_NOTHING_MASKED.format(draw=draw))
-        if not fit:
-            self.rows.append((rss, masked, voxels.expand_as(masked)))
+            cross = torch.stack([(e1 * d).sum(dim=dims) for e1 in s["e1"]])
+            quad = torch.stack([(e0.to(f64) * weight).sum(dim=dims) for e0 in s["e0"]])
+            masked = torch.stack([e0.sum(dim=dims, dtype=f64) for e0 in s["e0"]])
+        else:
+            cross, quad, masked = s["e1"] * d, s["e0"] * weight, s["e0"].clone()
+        rss = reduce(s["e2"] - 2 * cross + quad)
+        masked = reduce(masked)
+        for e in range(masked.shape[0]):
+            if float(masked[e].sum()) == 0:
+                raise ValueError(_NOTHING_MASKED.format(draw=self.fit_draws + e))
+        voxels = s["voxels"].expand_as(masked)
+        return _summarise(rss, masked, voxels, s["volumes"], self, volumes)
+
+    def _agree_on_shape(self) -> None:
+        shapes: list[Any] = [None] * _world_size()
+        dist.all_gather_object(shapes, self._shape)
+        known = [tuple(sh) for sh in shapes if sh is not None]
+        if not known:
+            return
+        first = known[0]
+        for sh in known:
+            if sh[0] != first[0] or (self.constant == "voxel" and sh != first):
+                raise ValueError(
+                    f"the processes saw volumes of different shapes {sorted(set(known))}; "
+                    "every volume must have the same shape (C, D, H, W) with constant='voxel'"
+                )
+        if self._shape is None:  # this process saw no volume: zeros of the agreed shape
+            self._allocate(first, torch.float32)
+
+    def _total_volumes(self) -> int:
+        total = torch.tensor([float(self.num_volumes)], dtype=torch.float64, device=self.device)
+        return int(all_reduce_(total)[0])
 
 
 _NOTHING_MASKED = (
@@ -470,9 +777,16 @@ def _check_shape(volume: torch.Tensor, shape: tuple[int, ...], constant: str) ->
         )
 
 
-def _summarise(state: _State, reduction: str, num_draws: int) -> CollapseFloor:
-    rss, masked, voxels = (torch.stack(parts).cpu() for parts in zip(*state.rows, strict=True))
-    denom = voxels if reduction == "all" else masked  # (R, C) each
+def _summarise(
+    rss: torch.Tensor,
+    masked: torch.Tensor,
+    voxels: torch.Tensor,
+    per_modality_volumes: torch.Tensor,
+    meter: CollapseFloorMeter,
+    num_volumes: int,
+) -> CollapseFloor:
+    rss, masked, voxels = rss.cpu(), masked.cpu(), voxels.cpu()
+    denom = voxels if meter.reduction == "all" else masked  # (R, C) each
     values = rss.sum(dim=1) / denom.sum(dim=1)  # one loss value per evaluation draw
     per_mod = torch.where(masked > 0, rss / denom.clamp(min=1.0), torch.nan)
     finite = torch.isfinite(per_mod)
@@ -487,8 +801,9 @@ def _summarise(state: _State, reduction: str, num_draws: int) -> CollapseFloor:
         per_modality=per_mod_mean,
         per_modality_std_error=per_mod_se,
         masked_fraction=float((masked.sum(dim=1) / voxels.sum(dim=1)).mean()),
-        num_draws=num_draws,
-        num_volumes=state.num_volumes,
-        constant=state.constant,
-        reduction=reduction,
+        num_draws=meter.num_draws,
+        num_volumes=num_volumes,
+        constant=meter.constant,
+        reduction=meter.reduction,
+        per_modality_volumes=per_modality_volumes.cpu().round().to(torch.int64),
     )
