@@ -130,7 +130,8 @@ def _entropy_rank(s: torch.Tensor, eps: float) -> torch.Tensor:
     total = s.sum()
     p = s / torch.where(total > 0, total, torch.ones_like(total)) + eps
     rank = torch.exp(-torch.special.xlogy(p, p).sum())  # xlogy: 0·log 0 = 0
-    return torch.where(total > 0, rank, torch.zeros_like(rank))
+    # NaN stays NaN (it is not 0): with the value checks off, a broken input must still show
+    return torch.where(total == 0, torch.zeros_like(rank), rank)
 
 
 def effective_rank(z_or_spectrum: torch.Tensor, *, center: bool = True) -> torch.Tensor:
