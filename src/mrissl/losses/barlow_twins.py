@@ -217,7 +217,8 @@ def barlow_twins(
         TypeError: if an input is not a floating tensor.
         ValueError: naming the argument, for shapes that differ or do not fit the mode, a
             single sample in feature mode, a bad ``mode``/``batch_mode``, a negative
-            ``lambda_offdiag`` or non-positive ``eps``, and NaN or Inf in the features.
+            ``lambda_offdiag`` or non-positive ``eps``, and (with the value checks on) NaN or Inf
+            in the features.
 
     Examples:
         Identical views give exactly zero invariance loss, even for a batch of two:
