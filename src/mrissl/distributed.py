@@ -87,7 +87,10 @@ def gather_sizes(n: int, *, device: torch.device | None = None, group: Any = Non
 
     Losses use it to find where this process's samples sit in the gathered batch (the labels of
     InfoNCE are offset by the sizes of the lower ranks) and to gather batches of unequal sizes.
-    The exchange is one small ``all_gather`` and waits for its result on the host.
+    The exchange is one small ``all_gather`` and waits for its result on the host: the one host
+    synchronisation of a loss with ``gather_distributed=True``. It cannot be skipped when the
+    sizes happen to be equal, because no process can know that without asking the others, and
+    gathering tensors of unequal lengths needs every length on the host to size the buffers.
 
     Args:
         n: this process's number of samples.

@@ -137,3 +137,20 @@ def test_bad_arguments_are_rejected():
         monitor.step(torch.ones(3))
     with pytest.raises(ValueError, match="feature dimension 4"):
         monitor.step(0.1, torch.randn(8, 5))
+
+
+def test_update_accumulates_on_the_device_and_step_adds_the_verdict():
+    g = torch.Generator().manual_seed(5)
+    by_update, by_step = CollapseMonitor(8, window=3), CollapseMonitor(8, window=3)
+    batches = [(torch.rand((), generator=g), torch.randn(16, 8, generator=g)) for _ in range(3)]
+    for loss, z in batches[:2]:
+        by_update.update(loss, z)
+        by_step.step(loss, z)
+    assert by_update.steps == 0  # update counts no steps and makes no verdict
+    assert by_update.loss_sum.dtype == torch.float64
+    torch.testing.assert_close(by_update.loss_sum, by_step.loss_sum)
+    torch.testing.assert_close(by_update.meter.m2, by_step.meter.m2)
+    by_update.steps = 2
+    assert by_update.step(*batches[2]) == by_step.step(*batches[2])
+    assert by_step.status.loss == pytest.approx(float(sum(loss for loss, _ in batches)) / 3)
+    assert int(by_step.loss_count) == 0  # a new window starts

@@ -9,6 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import mrissl
 from mrissl.diagnostics import effective_rank, rankme, singular_values, std_of_l2_normalized
 
 
@@ -182,3 +183,37 @@ def test_bad_input_gives_clear_errors():
         effective_rank(torch.zeros(0))
     with pytest.raises(ValueError, match="eps"):
         rankme(torch.ones(3), eps=-1.0)
+
+
+@pytest.mark.parametrize("scale", [1e30, 1e-30])
+def test_float32_features_at_extreme_scale_give_the_unit_scale_values(scale):
+    # the case: std_of_l2_normalized of features around 1e30 returned 0 (collapse)
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(40, 6, generator=g) * torch.rand(6, generator=g)
+    big = scale * z
+    assert big.dtype == torch.float32
+    assert float(std_of_l2_normalized(big)) == pytest.approx(
+        float(std_of_l2_normalized(z)), rel=1e-5
+    )
+    for fn in (effective_rank, rankme):
+        assert float(fn(big)) == pytest.approx(float(fn(z)), rel=1e-5)
+    torch.testing.assert_close(singular_values(big) / scale, singular_values(z), rtol=1e-5, atol=0)
+
+
+def test_std_of_l2_normalized_uses_each_direction_whatever_the_length():
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(6, 5, generator=g)
+    rows = torch.tensor([1e30, 1e-30, 1.0, 1e-36, 1e37, 2.0])[:, None]
+    assert float(std_of_l2_normalized(z * rows)) == pytest.approx(
+        float(std_of_l2_normalized(z)), rel=1e-5
+    )
+
+
+def test_with_value_checks_off_nothing_is_read_and_nan_comes_back():
+    z = torch.randn(10, 4)
+    z[3, 1] = math.nan
+    with mrissl.checks("none"):
+        assert torch.isnan(std_of_l2_normalized(z))
+        assert torch.isnan(effective_rank(torch.tensor([1.0, math.nan])))
+    with pytest.raises(ValueError, match="finite"):
+        std_of_l2_normalized(z)  # the tests run with the checks on

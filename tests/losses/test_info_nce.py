@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import mrissl
 from mrissl.losses import InfoNCELoss, info_nce
 
 
@@ -132,3 +133,21 @@ def test_bad_input_names_the_argument(gen):
     bad[0, 0] = float("inf")
     with pytest.raises(ValueError, match="b contains NaN or Inf"):
         info_nce(a, bad)
+
+
+def test_tensor_temperature_is_read_only_with_the_value_checks_on(gen):
+    a = torch.randn(4, 8, generator=gen)
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        info_nce(a, a, temperature=torch.tensor(float("nan")))
+    with mrissl.checks("none"):  # no synchronisation: the value is not looked at
+        assert torch.isfinite(info_nce(a, a, temperature=torch.tensor(-1.0)))
+
+
+def test_learnable_temperature_stays_positive_without_a_check(gen):
+    loss_fn = InfoNCELoss(temperature=0.07, learnable_temperature=True, min_temperature=0.05)
+    with torch.no_grad():
+        loss_fn.log_temperature.fill_(-50.0)  # exp(-50) would be far below the floor
+    assert float(loss_fn.temperature) == pytest.approx(0.05)
+    a = torch.randn(4, 8, generator=gen)
+    with mrissl.checks("none"):
+        torch.testing.assert_close(loss_fn(a, a), info_nce(a, a, temperature=0.05))

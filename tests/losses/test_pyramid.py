@@ -3,6 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import mrissl
 from mrissl.losses import PyramidBarlowTwinsLoss, barlow_twins, pyramid_barlow_twins
 from mrissl.nn import capture_intermediates, gather_tokens, pyramid_levels
 
@@ -153,3 +154,20 @@ def test_reduction_is_checked_and_excludes_scale_by_size(gen):
     total, _ = pyramid_barlow_twins(full, masked, scale_by_size=True, reduction="sum")
     want, _ = pyramid_barlow_twins(full, masked, reduction="sum")
     assert total.item() == pytest.approx(want.item() / 10, rel=1e-6)
+
+
+def test_tensor_weights_are_used_on_the_device_without_reading_them(gen):
+    full, masked = levels(gen)
+    weights = torch.tensor([1.0, 0.5, 2.0], requires_grad=True)  # e.g. learned level weights
+    total, per_level = pyramid_barlow_twins(full, masked, weights=weights)
+    want, _ = pyramid_barlow_twins(full, masked, weights=[1.0, 0.5, 2.0])
+    assert total.item() == pytest.approx(want.item(), rel=1e-6)
+    total.backward()
+    torch.testing.assert_close(weights.grad, per_level.detach())
+    with pytest.raises(ValueError, match="weights must be finite and >= 0"):
+        pyramid_barlow_twins(full, masked, weights=torch.tensor([1.0, -1.0, 1.0]))
+    with mrissl.checks("none"):  # the values are not read: no synchronisation
+        pyramid_barlow_twins(full, masked, weights=torch.tensor([1.0, -1.0, 1.0]))
+    with pytest.raises(ValueError, match="one entry per level"):
+        pyramid_barlow_twins(full, masked, weights=torch.ones(2))
+    assert PyramidBarlowTwinsLoss(3, torch.tensor([1.0, 0.5, 2.0])).weights == [1.0, 0.5, 2.0]

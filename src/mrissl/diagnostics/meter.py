@@ -147,9 +147,10 @@ class EffectiveRankMeter(nn.Module):
 
         Raises:
             TypeError: if ``z`` is not a floating-point tensor.
-            ValueError: if ``z`` is not 2-D/3-D, its last dimension is not ``dim``, or it holds
-                NaN/Inf (checked before anything is merged, so the state stays valid; the check
-                costs one device-to-host sync per call).
+            ValueError: if ``z`` is not 2-D/3-D or its last dimension is not ``dim``; with the
+                value checks on (``mrissl.set_checks("values")``), if it holds NaN/Inf (checked
+                before anything is merged, so the state stays valid; the check costs one
+                device-to-host sync per call, and without it the update never synchronises).
         """
         check_tensor(z, "z", ndim=(2, 3))
         if z.shape[-1] != self.dim:

@@ -20,7 +20,10 @@ Conventions, stated once for every function here:
   over batches with [`EffectiveRankMeter`][mrissl.diagnostics.EffectiveRankMeter]. A warning is
   issued when the cap is below ``D``.
 * **Token features** ``(B, N, E)`` are flattened to ``(B·N, E)``: every token is one sample.
-* **Precision.** Everything runs in float64 whatever the input dtype.
+* **Precision.** Everything runs in float64 whatever the input dtype, so features around 1e30
+  or 1e-30 in float32 give the ranks of the same features at unit size.
+* **No synchronisation.** Nothing here reads a device value on the host unless the value
+  checks are on (``mrissl.set_checks("values")``); each function compiles into one graph.
 """
 
 from __future__ import annotations
@@ -88,7 +91,8 @@ def singular_values(z: torch.Tensor, *, center: bool = True) -> torch.Tensor:
 
     Raises:
         TypeError: if ``z`` is not a floating-point tensor.
-        ValueError: if ``z`` is not 2-D or 3-D, has fewer than 2 samples, or holds NaN/Inf.
+        ValueError: if ``z`` is not 2-D or 3-D, has fewer than 2 samples, or (with the value
+            checks on, ``mrissl.set_checks``) holds NaN/Inf.
 
     Warns:
         UserWarning: when fewer samples than dimensions cap the number of non-zero values.
@@ -130,7 +134,8 @@ def _entropy_rank(s: torch.Tensor, eps: float) -> torch.Tensor:
     total = s.sum()
     p = s / torch.where(total > 0, total, torch.ones_like(total)) + eps
     rank = torch.exp(-torch.special.xlogy(p, p).sum())  # xlogy: 0·log 0 = 0
-    return torch.where(total > 0, rank, torch.zeros_like(rank))
+    # NaN stays NaN (it is not 0): with the value checks off, a broken input must still show
+    return torch.where(total == 0, torch.zeros_like(rank), rank)
 
 
 def effective_rank(z_or_spectrum: torch.Tensor, *, center: bool = True) -> torch.Tensor:
@@ -153,8 +158,8 @@ def effective_rank(z_or_spectrum: torch.Tensor, *, center: bool = True) -> torch
 
     Raises:
         TypeError: if the input is not a floating-point tensor.
-        ValueError: for a wrong number of dimensions, fewer than 2 samples, NaN/Inf values, or a
-            spectrum with negative entries.
+        ValueError: for a wrong number of dimensions, fewer than 2 samples; with the value
+            checks on, NaN/Inf values or a spectrum with negative entries.
 
     Examples:
         >>> erank = effective_rank(torch.tensor([2.0, 2.0, 2.0, 0.0]))  # 3 equal singular values
@@ -214,7 +219,9 @@ def std_of_l2_normalized(z: torch.Tensor) -> torch.Tensor:
     The collapse indicator of SimSiam (Chen & He, 2021): each sample is scaled to unit length,
     then the standard deviation over samples is taken per dimension and averaged. It is 0 when
     every sample maps to the same direction (complete collapse) and close to ``1/sqrt(D)`` for
-    isotropic Gaussian features. Computed in float32 (float64 input stays float64).
+    isotropic Gaussian features. Computed in float32 (float64 input stays float64); each sample
+    is divided by its largest magnitude before its norm is taken, so features around 1e30 or
+    1e-30 give the value of the same features at unit size, and an all-zero sample stays zero.
 
     Args:
         z: ``(N, D)`` features, or ``(B, N, E)`` tokens flattened to ``(B·N, E)``; at least 2
@@ -225,7 +232,8 @@ def std_of_l2_normalized(z: torch.Tensor) -> torch.Tensor:
 
     Raises:
         TypeError: if ``z`` is not a floating-point tensor.
-        ValueError: for a wrong number of dimensions, fewer than 2 samples or NaN/Inf values.
+        ValueError: for a wrong number of dimensions, fewer than 2 samples or (with the value
+            checks on) NaN/Inf values.
 
     Examples:
         >>> std_of_l2_normalized(torch.ones(8, 4))  # every sample points the same way

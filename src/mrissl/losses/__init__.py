@@ -4,8 +4,10 @@ Barlow Twins (feature and token mode), E-MIM's pyramid Barlow Twins, symmetric I
 reconstruction and feature consistency.
 Each loss is a pure function (the math) and, where it has configuration or state, a thin
 ``nn.Module`` that calls it. All of them compute in float32 (float64 for float64 inputs) with
-autocast off, raise ``ValueError`` naming the argument on bad input or NaN/Inf, and those that
-need the global batch take ``gather_distributed`` (see [`mrissl.distributed`][mrissl.distributed]).
+autocast off, raise ``ValueError`` naming the argument on bad input (and on NaN/Inf when the
+value checks are on, ``mrissl.set_checks("values")``; off by default, so that nothing
+synchronises with the device), and those that need the global batch take ``gather_distributed``
+(see [`mrissl.distributed`][mrissl.distributed]).
 """
 
 from mrissl.losses.barlow_twins import BarlowTwinsLoss, barlow_twins

@@ -16,6 +16,7 @@ import torch
 
 from mrissl._checks import check_floating, check_tensor
 from mrissl._settings import values_checked
+from mrissl.distributed import all_reduce_
 
 __all__: list[str] = []
 
@@ -88,7 +89,9 @@ def raise_if_not_finite(loss: torch.Tensor, **inputs: torch.Tensor | None) -> to
     )
 
 
-def max_abs_scale(x: torch.Tensor, dim: int | tuple[int, ...]) -> torch.Tensor:
+def max_abs_scale(
+    x: torch.Tensor, dim: int | tuple[int, ...], *, across_processes: bool = False
+) -> torch.Tensor:
     """The detached largest ``|x|`` along ``dim`` (kept), 1 where that is 0.
 
     Dividing by it before squaring keeps every square in ``[0, 1]``: the sums of squares of
@@ -96,9 +99,35 @@ def max_abs_scale(x: torch.Tensor, dim: int | tuple[int, ...]) -> torch.Tensor:
     Detached, it is a constant to autograd; every quantity it rescales is scale-free (a unit
     vector, a correlation) or rescaled back, so values and gradients are those of the plain
     formula. NaN stays NaN (``NaN > 0`` is False, and ``x`` itself carries the NaN on).
+    ``across_processes`` takes the maximum over the processes too, so that every process
+    scales by the same numbers and sums over processes still add up.
     """
-    s = x.detach().abs().amax(dim=dim, keepdim=True)
+    x = x.detach()
+    # max(amax, −amin) is max |x| without a temporary |x| (and faster than an inf-norm)
+    s = torch.maximum(x.amax(dim=dim, keepdim=True), x.amin(dim=dim, keepdim=True).neg())
+    if across_processes:
+        all_reduce_(s, "max")
     return torch.where(s > 0, s, torch.ones_like(s))
+
+
+def inv_l2_norm(
+    u: torch.Tensor,
+    dim: int | tuple[int, ...],
+    floor: torch.Tensor | None = None,
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """``1 / max(||u||_2, floor)`` along ``dim`` (kept), for ``u`` scaled to ``max |u| = 1``.
+
+    ``reduce`` sums the squares over processes. A non-zero ``u`` has a norm of at least 1 (its
+    largest entry is exactly ±1), so the clamp at 1/2 only touches all-zero rows, which stay 0
+    after multiplying.
+    """
+    if reduce is None:
+        norm = torch.linalg.vector_norm(u, dim=dim, keepdim=True)  # gradient 0, not NaN, at 0
+    else:
+        norm = reduce(u.square().sum(dim=dim, keepdim=True)).clamp_min(0.25).sqrt()
+    norm = norm.clamp_min(0.5) if floor is None else torch.maximum(norm.clamp_min(0.5), floor)
+    return norm.reciprocal()
 
 
 def l2_normalize(
@@ -111,24 +140,16 @@ def l2_normalize(
 ) -> torch.Tensor:
     """``x / max(||x||_2, eps)`` along ``dim``, without overflow or underflow in the norm.
 
-    ``x`` is first divided by its largest absolute entry (``scale``, from
-    ``max_abs_scale`` unless given; the same on every process when ``reduce`` sums the
-    squares over processes), so the sum of squares lies in ``[1, size]`` for a non-zero row and
-    is 0 only for an all-zero row, which stays 0. With ``eps = 0`` this is the direction of
-    ``x`` at any magnitude (cosine similarity); ``eps > 0`` keeps the meaning of a smallest
-    norm in the units of ``x``.
+    ``x`` is first divided by its largest absolute entry (``scale``, from ``max_abs_scale``
+    unless given; the same on every process when ``reduce`` sums the squares over processes),
+    so the sum of squares lies in ``[1, size]`` for a non-zero row and is 0 only for an
+    all-zero row, which stays 0. With ``eps = 0`` this is the direction of ``x`` at any
+    magnitude (cosine similarity); ``eps > 0`` keeps the meaning of a smallest norm in the
+    units of ``x``.
     """
     s = max_abs_scale(x, dim) if scale is None else scale
     u = x / s
-    sum_sq = u.square().sum(dim=dim, keepdim=True)
-    if reduce is not None:
-        sum_sq = reduce(sum_sq)
-    # sum_sq >= 1 for a non-zero row (its largest entry became exactly ±1): the clamp changes
-    # only all-zero rows, where it keeps the gradient of sqrt finite
-    norm = sum_sq.clamp_min(1.0).sqrt()
-    if eps > 0:
-        norm = torch.maximum(norm, eps / s)
-    return u / norm
+    return u * inv_l2_norm(u, dim, eps / s if eps > 0 else None, reduce)
 
 
 def l2_norm(x: torch.Tensor, dim: int) -> torch.Tensor:

@@ -38,7 +38,6 @@ from torch import nn
 from mrissl.distributed import (
     all_gather,
     all_reduce,
-    all_reduce_,
     broadcast_,
     gather_sizes,
     is_distributed,
@@ -50,7 +49,9 @@ from mrissl.losses._common import (
     check_same_shape,
     compute_dtype,
     frobenius_sq_of_product,
+    inv_l2_norm,
     l2_normalize,
+    max_abs_scale,
     no_autocast,
     raise_if_not_finite,
 )
@@ -82,16 +83,13 @@ def _standardize(z: torch.Tensor, eps: float, n_total: int, distributed: bool) -
     if distributed:
         broadcast_(shift)
     y = z - shift
-    peak = y.detach().abs().amax(dim=0)
-    if distributed:  # one scale per feature on every process, or the sums would not add up
-        all_reduce_(peak, "max")
-    s = torch.where(peak > 0, peak, torch.ones_like(peak))
+    s = max_abs_scale(y, 0, across_processes=distributed)  # (1, D)
     y = y / s
     mean = reduce(y.sum(dim=0)) / n_total
     y = y - mean
     var = reduce(y.square().sum(dim=0)) / n_total
     # the smallest std, eps, in the units of y / s; a non-constant feature has var >= 1/M² here
-    return y / var.clamp_min((eps / s).square()).sqrt()
+    return y * var.clamp_min((eps / s[0]).square()).rsqrt()
 
 
 def _feature_mode(
@@ -129,14 +127,6 @@ def _feature_mode(
     return invariance + lam * redundancy, D
 
 
-def _joint_scale(z: torch.Tensor, distributed: bool) -> torch.Tensor:
-    """``(1, N, 1)``: the largest ``|z|`` of each position over the global batch (detached)."""
-    peak = z.detach().abs().amax(dim=(0, 2), keepdim=True)
-    if distributed:
-        all_reduce_(peak, "max")
-    return torch.where(peak > 0, peak, torch.ones_like(peak))
-
-
 def _token_mode(
     z: torch.Tensor, z_m: torch.Tensor, lam: float, eps: float, batch_mode: str, gather: bool
 ) -> tuple[torch.Tensor, int]:
@@ -145,13 +135,16 @@ def _token_mode(
     reduce = all_reduce if distributed else _identity
     if batch_mode == "per_sample":
         # E-MIM eq. 4: C_ij = z_i · z_m_j / (||z_i|| ||z_m_j||), one N × N matrix per sample;
-        # the unit vectors are formed overflow-free (l2_normalize), then multiplied
-        u, v = l2_normalize(z, -1, eps), l2_normalize(z_m, -1, eps)
+        # each token is scaled to max |z| = 1 first, so no square or product overflows
+        s_a, s_b = max_abs_scale(z, -1), max_abs_scale(z_m, -1)  # (B, N, 1)
+        u, v = z / s_a, z_m / s_b
+        inv_a, inv_b = inv_l2_norm(u, -1, eps / s_a), inv_l2_norm(v, -1, eps / s_b)
         if 2 * E < N:  # Σ_ij C_ij² from E × E Gram matrices, C never formed
+            u, v = u * inv_a, v * inv_b
             C_ii = torch.linalg.vecdot(u, v)  # (B, N)
             sum_sq = frobenius_sq_of_product(u, v)  # (B,)
-        else:
-            C = u @ v.mT
+        else:  # scale the N × N product rather than the (B, N, E) features: fewer passes
+            C = (u @ v.mT) * inv_a * inv_b.mT
             C_ii = C.diagonal(dim1=-2, dim2=-1)
             sum_sq = torch.linalg.vector_norm(C, dim=(-2, -1)).square()
         per_sample = (1 - C_ii).square().sum(-1) + lam * (sum_sq - C_ii.square().sum(-1))
@@ -160,8 +153,10 @@ def _token_mode(
         n_total = sum(gather_sizes(B, device=z.device))
         return reduce(per_sample.sum()) / n_total, N
     # "joint": the feature vector of position i is z[:, i, :] over the whole batch
-    u = l2_normalize(z, (0, 2), eps, scale=_joint_scale(z, distributed), reduce=reduce)
-    v = l2_normalize(z_m, (0, 2), eps, scale=_joint_scale(z_m, distributed), reduce=reduce)
+    s_a = max_abs_scale(z, (0, 2), across_processes=distributed)  # (1, N, 1)
+    s_b = max_abs_scale(z_m, (0, 2), across_processes=distributed)
+    u = l2_normalize(z, (0, 2), eps, scale=s_a, reduce=reduce)
+    v = l2_normalize(z_m, (0, 2), eps, scale=s_b, reduce=reduce)
     C_ii = reduce((u * v).sum(dim=(0, 2)))
     if distributed:
         C = reduce(torch.einsum("bie,bje->ij", u, v))
@@ -217,7 +212,8 @@ def barlow_twins(
         TypeError: if an input is not a floating tensor.
         ValueError: naming the argument, for shapes that differ or do not fit the mode, a
             single sample in feature mode, a bad ``mode``/``batch_mode``, a negative
-            ``lambda_offdiag`` or non-positive ``eps``, and NaN or Inf in the features.
+            ``lambda_offdiag`` or non-positive ``eps``, and (with the value checks on) NaN or Inf
+            in the features.
 
     Examples:
         Identical views give exactly zero invariance loss, even for a batch of two:

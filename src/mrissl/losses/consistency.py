@@ -47,7 +47,8 @@ def consistency_loss(
 
     Raises:
         TypeError: if an input is not a floating tensor.
-        ValueError: naming the argument, for shapes that differ, a bad ``metric``, NaN or Inf.
+        ValueError: naming the argument, for shapes that differ, a bad ``metric``; NaN or Inf
+            with the value checks on (``mrissl.set_checks``).
 
     Examples:
         >>> f1 = torch.zeros(2, 3)

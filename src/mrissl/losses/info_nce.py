@@ -87,7 +87,8 @@ def info_nce(
     Raises:
         TypeError: if an input is not a floating tensor.
         ValueError: naming the argument, for shapes that differ or are not ``(B, E)``,
-            ``negatives`` of another width, ``temperature <= 0``, NaN or Inf.
+            ``negatives`` of another width, a number ``temperature <= 0``; with the value checks
+            on (``mrissl.set_checks``) also a tensor ``temperature <= 0`` and NaN or Inf.
 
     Examples:
         >>> g = torch.Generator().manual_seed(0)

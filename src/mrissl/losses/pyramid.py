@@ -113,7 +113,8 @@ def pyramid_barlow_twins(
 
     Raises:
         ValueError: naming the argument and the level, for different numbers of levels,
-            shapes that differ between the views, a bad ``keep`` or ``weights``, NaN or Inf.
+            shapes that differ between the views, a bad ``keep`` or ``weights``; NaN or Inf with
+            the value checks on (``mrissl.set_checks``).
 
     Examples:
         >>> g = torch.Generator().manual_seed(0)
