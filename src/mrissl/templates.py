@@ -94,7 +94,9 @@ def _check_offsets(
                 f"the crop {crop} is larger than the template canvas {canvas}: choose a "
                 "larger canvas (shape=...) or a padding rule (padding='zeros' or 'border')"
             )
-        return torch.tensor(start, dtype=torch.long, device=device).expand(batch, 3)
+        # made on the device (torch.tensor would copy from the host, a sync on CUDA)
+        axes = [torch.full((batch,), s, dtype=torch.long, device=device) for s in start]
+        return torch.stack(axes, dim=1)
     if not isinstance(offsets, torch.Tensor):
         if isinstance(offsets, Sequence) and not isinstance(offsets, str):
             offsets = torch.as_tensor(offsets)
@@ -113,8 +115,9 @@ def _check_offsets(
         )
     offsets = offsets.to(device=device, dtype=torch.long)
     if padding == "error" and not values_checked():
-        upper_dev = torch.tensor([c - s for c, s in zip(canvas, crop, strict=True)], device=device)
-        inside = ((offsets >= 0) & (offsets <= upper_dev)).all()
+        inside = (offsets >= 0).all()
+        for k, (c, s) in enumerate(zip(canvas, crop, strict=True)):
+            inside = inside & (offsets[:, k] <= c - s).all()
         torch._assert_async(inside, f"offsets put crops of size {crop} outside the canvas {canvas}")
     elif padding == "error":
         host = offsets.cpu()

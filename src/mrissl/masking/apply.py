@@ -436,7 +436,8 @@ def apply_mask(
         if out is None:
             # masked_fill, not torch.where: same result, less work per element on CPU
             return vol.masked_fill(m, value).reshape(B, C, D, H, W)
-        value = torch.tensor(value, dtype=volume.dtype, device=volume.device)
+        # torch.full, not torch.tensor: no host-to-device copy (a synchronisation on CUDA)
+        value = torch.full((), value, dtype=volume.dtype, device=volume.device)
     else:
         raise TypeError(
             f"fill must be a number, 'mean', 'noise' or a tensor, got {type(fill).__name__}"

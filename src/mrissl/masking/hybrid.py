@@ -122,9 +122,10 @@ class ModalMask(MaskGenerator):
                 f"ModalMask candidates must be modality indices below num_modalities={C}, "
                 f"got {self.candidates}"
             )
-        out = torch.zeros(C, dtype=torch.bool, device=device)
-        out[list(self.candidates)] = True
-        return out
+        # the candidates as the bits of one int: made on the device without a host-to-device
+        # copy (indexing with a list would copy the list, a synchronisation on CUDA)
+        bits = sum(1 << c for c in self.candidates)
+        return (bits >> torch.arange(C, device=device)) & 1 == 1
 
     def _draw(
         self,
@@ -316,10 +317,10 @@ class PatchMask(MaskGenerator):
         B, C, N = visible.shape
         device = visible.device
         V = visible.sum(dim=1)  # (B, N) visible modalities per position
-        # floor and fractional part of r·V for each possible V, looked up per position
-        table = [_hidden_per_position(self.mask_ratio, v) for v in range(C + 1)]
-        base = torch.tensor([b for b, _ in table], dtype=torch.float64, device=device)[V]
-        frac = torch.tensor([f for _, f in table], dtype=torch.float64, device=device)[V]
+        # floor and fractional part of r·V per position, in float64 as _hidden_per_position
+        t = V.to(torch.float64) * self.mask_ratio
+        base = (t + _EPS).floor()
+        frac = (t - base).clamp(min=0.0)
         # the extra patches: walk the positions in a random order and hand one out each time
         # the running sum of frac passes a half-integer, so a sample gets round(sum of frac)
         # extras in all (a fixed count) and, frac being equal across a sample's remaining
