@@ -183,7 +183,7 @@ def test_missing_folder_is_exit_code_2(tmp_path, capsys):
 def test_no_cases_is_exit_code_2(tmp_path, capsys):
     (tmp_path / "readme.txt").write_text("no images here")
     line = _error_line(capsys, ["collapse-check", str(tmp_path), "--quiet"])
-    assert "no complete cases" in line
+    assert "no cases with any of the modalities" in line
 
 
 def test_unreadable_file_is_named(tmp_path, capsys):
