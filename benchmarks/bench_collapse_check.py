@@ -25,7 +25,7 @@ Run from the repository root::
     python benchmarks/bench_collapse_check.py --quick    # 4, 8, 16 smaller cases
     python benchmarks/bench_collapse_check.py --cache /path/to/folder --json out.json
 
-The generated folder is kept (default ``/tmp/mrissl-bench-brats-<shape>``) and reused.
+The generated folder is kept (default ``/tmp/mrissl-bench-brats-v2-<shape>``) and reused.
 """
 
 from __future__ import annotations
@@ -79,6 +79,7 @@ def write_case(k: int, folder: str, shape: tuple[int, int, int]) -> None:
     )
     for channel, m in zip(head, MODALITIES, strict=True):
         noisy = channel + rng.normal(0.0, 0.02, channel.shape).astype(np.float32)
+        noisy[head.max(axis=0) < 0.01] = 0.0  # skull-stripped like BraTS: air is exactly 0
         values = np.clip(np.rint(noisy * 1000.0), 0, 32767).astype(np.int16)
         path = out / f"{case_name(k)}-{m}.nii.gz"
         tmp = out / f".part-{case_name(k)}-{m}.nii.gz"  # hidden: never found as a case
@@ -195,7 +196,7 @@ def main() -> None:
     args = parser.parse_args()
     shape = QUICK_SHAPE if args.quick else BRATS_SHAPE
     counts = args.counts or ([4, 8, 16] if args.quick else [8, 32, 128])
-    folder = args.cache or Path(f"/tmp/mrissl-bench-brats-{'x'.join(map(str, shape))}")
+    folder = args.cache or Path(f"/tmp/mrissl-bench-brats-v2-{'x'.join(map(str, shape))}")
     ensure_cases(folder, max(counts), shape, args.jobs)
     print(f"{os.cpu_count()} CPUs; cases of {shape} int16 .nii.gz under {folder}")
 
