@@ -229,8 +229,12 @@ def main() -> None:
     slope, intercept = np.polyfit(xs, ys, 1)
     residual = float(np.abs(np.polyval([slope, intercept], xs) - ys).max())
     peaks = [r["workers_1"]["peak_rss_bytes"] for r in figures["runs"]]
-    figures["fit"] = {"slope_s_per_case": slope, "intercept_s": intercept,
-                      "max_residual_s": residual, "extrapolated_1251_s": slope * 1251 + intercept}  # fmt: skip
+    figures["fit"] = {
+        "slope_s_per_case": slope,
+        "intercept_s": intercept,
+        "max_residual_s": residual,
+        "extrapolated_1251_s": slope * 1251 + intercept,
+    }
     print(
         f"time = {slope:.3f} s/case × cases + {intercept:.1f} s (largest residual "
         f"{residual:.1f} s); 1,251 cases: {(slope * 1251 + intercept) / 60:.0f} min with 1 worker"

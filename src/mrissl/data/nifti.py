@@ -112,7 +112,7 @@ def _read_voxels(img: Any, path: Path, modality: str, nan_policy: str) -> np.nda
     if img.header.get_data_dtype().kind in "biu" and slope == 1.0 and inter == 0.0:
         # integers without scaling are finite: the raw array is cast once, into the result
         try:
-            raw = np.asanyarray(proxy)
+            raw: np.ndarray = np.asanyarray(proxy)
         except Exception as err:  # truncated gzip, short file: "unreadable"
             raise ValueError(
                 f"{where}: the voxel data cannot be read ({type(err).__name__}: {err})"
