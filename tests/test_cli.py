@@ -183,7 +183,7 @@ def test_missing_folder_is_exit_code_2(tmp_path, capsys):
 def test_no_cases_is_exit_code_2(tmp_path, capsys):
     (tmp_path / "readme.txt").write_text("no images here")
     line = _error_line(capsys, ["collapse-check", str(tmp_path), "--quiet"])
-    assert "no complete cases" in line
+    assert "no cases with any of the modalities" in line
 
 
 def test_unreadable_file_is_named(tmp_path, capsys):
@@ -282,3 +282,186 @@ def test_templates_export_errors_are_one_line(tmp_path, capsys):
     assert "templates" in line
     line = _error_line(capsys, ["templates", "export", str(tmp_path / "none.pt"), str(tmp_path)])
     assert "does not exist" in line
+
+
+# --------------------------------------------------------------------------- imperfect data
+
+IMPERFECT = ["--modalities", "t1", "flair", "--mask", "random:0.5", "--mask", "modal", *SMALL]
+
+
+def _imperfect_folder(root):
+    """Three complete cases, one lacking FLAIR, one off-grid, one corrupt file, one 4D file."""
+    _write_cases(root, n=3)
+    rng = np.random.default_rng(1)
+    shape = (20, 18, 16)
+
+    def save(case, modality, data, affine=None):
+        (root / case).mkdir(exist_ok=True)
+        path = root / case / f"{case}-{modality}.nii.gz"
+        nib.save(nib.Nifti1Image(data, np.eye(4) if affine is None else affine), path)
+        return path
+
+    save("BraTS-0003", "t1n", rng.random(shape, dtype=np.float32) * 100)  # no t2f
+    save("BraTS-0004", "t1n", rng.random(shape, dtype=np.float32) * 100)
+    save("BraTS-0004", "t2f", rng.random(shape, dtype=np.float32) * 100, np.diag([2.0, 1, 1, 1]))
+    save("BraTS-0005", "t2f", rng.random(shape, dtype=np.float32) * 100)
+    (root / "BraTS-0005" / "BraTS-0005-t1n.nii.gz").write_bytes(b"\x1f\x8b truncated")
+    save("BraTS-0006", "t1n", rng.random((*shape, 3), dtype=np.float32) * 100)
+    save("BraTS-0006", "t2f", rng.random(shape, dtype=np.float32) * 100)
+    return root
+
+
+def _direct_floors(root, usable, masks):
+    """The floors computed directly: load_case + preprocessing, then collapsed_loss_floor."""
+    from mrissl.data import preprocessing
+    from mrissl.diagnostics import collapsed_loss_floor
+
+    pipeline = preprocessing(load=True, crop="center", roi_size=16)
+    items = []
+    for index, name in usable:
+        paths = {}
+        for label, m in (("t1", "t1n"), ("flair", "t2f")):
+            path = root / name / f"{name}-{m}.nii.gz"
+            if path.exists():
+                paths[label] = path
+        image = pipeline({"image": paths})["image"].as_tensor()
+        full = torch.zeros(2, 16, 16, 16)
+        available = torch.tensor([m in paths for m in ("t1", "flair")])
+        full[available] = image
+        items.append({"image": full, "available": available, "index": index})
+    return [
+        collapsed_loss_floor(
+            items, parse_mask_spec(spec, 4).generator, patch_size=4, num_draws=4, seed=0,
+            batch_size=1,
+        ).floor
+        for spec in masks
+    ]  # fmt: skip
+
+
+def test_imperfect_folder_skips_bad_cases_and_uses_incomplete_ones(tmp_path, capsys):
+    root = _imperfect_folder(tmp_path)
+    code = main(["collapse-check", str(root), "--json", "--workers", "0", *IMPERFECT])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["cases"] == 4
+    assert report["per_modality_cases"] == {"t1": 4, "flair": 3}
+    skipped = {s["case"]: s["reason"] for s in report["skipped"]}
+    assert sorted(skipped) == ["BraTS-0004", "BraTS-0005", "BraTS-0006"]
+    assert "BraTS-0004-t2f.nii.gz" in skipped["BraTS-0004"]
+    assert "affine" in skipped["BraTS-0004"]
+    assert "BraTS-0005-t1n.nii.gz" in skipped["BraTS-0005"]
+    assert "BraTS-0006-t1n.nii.gz" in skipped["BraTS-0006"]
+    assert "applying transform" not in err
+    lines = [line for line in err.splitlines() if line.startswith("skipped ")]
+    assert len(lines) == 3  # one line per bad case
+    usable = [(0, "BraTS-0000"), (1, "BraTS-0001"), (2, "BraTS-0002"), (3, "BraTS-0003")]
+    expected = _direct_floors(root, usable, ["random:0.5", "modal"])
+    got = [r["floor"] for r in report["results"]]
+    assert got == pytest.approx(expected, rel=1e-9)
+
+
+def test_strict_stops_at_the_first_bad_case(tmp_path, capsys):
+    root = _imperfect_folder(tmp_path)
+    line = _error_line(
+        capsys, ["collapse-check", str(root), "--strict", "--workers", "0", *IMPERFECT]
+    )
+    assert "BraTS-0004" in line
+    assert "--strict" in line
+
+
+def test_results_do_not_depend_on_the_number_of_workers(tmp_path, capsys):
+    root = _imperfect_folder(tmp_path)
+    reports = [
+        _run_json(capsys, ["collapse-check", str(root), "--json", "--workers", w, *IMPERFECT])
+        for w in ("0", "2")
+    ]
+    assert [r["floor"] for r in reports[0]["results"]] == [
+        r["floor"] for r in reports[1]["results"]
+    ]
+    assert reports[0]["skipped"] == reports[1]["skipped"]
+
+
+def test_table_explains_the_verdict_and_the_constant(tmp_path, capsys):
+    _write_cases(tmp_path)
+    code = main(["collapse-check", str(tmp_path), "--workers", "0", *IMPERFECT])
+    out, _ = capsys.readouterr()
+    assert code == 0
+    assert "3 cases used (cases per modality: t1 3, flair 3)" in out
+    assert "s per case" in out
+    assert "--constant modality" in out
+    assert "collapse-check/" in out  # the guide
+
+
+def test_help_mentions_workers_strict_and_torchrun(capsys):
+    with pytest.raises(SystemExit):
+        main(["collapse-check", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    for word in ("--workers", "--strict", "torchrun", "random crops"):
+        assert word in out
+
+
+# --------------------------------------------------------------------------- torchrun
+
+WORLD = 2
+
+
+def _rank_worker(me: int, port: int, root: str, queue) -> None:
+    import contextlib
+    import io
+    import os
+
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(me), WORLD_SIZE=str(WORLD),
+        LOCAL_RANK=str(me),
+    )  # fmt: skip
+    torch.set_num_threads(1)
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main(["collapse-check", root, "--json", "--workers", "0", *IMPERFECT])
+        queue.put((me, code, out.getvalue(), err.getvalue()))
+    except Exception as exc:  # reported to the test
+        queue.put((me, -1, "", repr(exc)))
+
+
+def test_two_gloo_processes_give_the_report_of_one(tmp_path, capsys):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    root = _imperfect_folder(tmp_path)
+    single = _run_json(
+        capsys, ["collapse-check", str(root), "--json", "--workers", "0", *IMPERFECT]
+    )
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [
+        ctx.Process(target=_rank_worker, args=(r, port, str(root), queue)) for r in range(WORLD)
+    ]
+    for p in procs:
+        p.start()
+    results = {}
+    try:
+        for _ in range(WORLD):
+            me, code, out, err = queue.get(timeout=180)
+            results[me] = (code, out, err)
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.terminate()
+    assert results[0][0] == 0, results[0][2]
+    assert results[1][0] == 0, results[1][2]
+    assert results[1][1] == ""  # only rank 0 prints
+    report = json.loads(results[0][1])
+    assert report["processes"] == 2
+    assert report["cases"] == single["cases"]
+    assert report["per_modality_cases"] == single["per_modality_cases"]
+    assert report["skipped"] == single["skipped"]
+    for ours, theirs in zip(report["results"], single["results"], strict=True):
+        assert ours["floor"] == pytest.approx(theirs["floor"], rel=1e-6)
+        assert ours["std_error"] == pytest.approx(theirs["std_error"], rel=1e-4, abs=1e-9)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -154,10 +155,10 @@ def parse_mask_spec(spec: str, patch_size: int) -> MaskSpec:
 # --------------------------------------------------------------------------- collapse-check
 
 
-def _load_folder(args: argparse.Namespace, modalities: Sequence[str]) -> tuple[torch.Tensor, str]:
-    import torch
-
-    from mrissl.data import find_cases, preprocessing
+def _find_folder_cases(
+    args: argparse.Namespace, modalities: Sequence[str]
+) -> tuple[list[Any], str]:
+    from mrissl.data import find_cases
 
     folder = Path(args.folder)
     if not folder.exists():
@@ -170,49 +171,34 @@ def _load_folder(args: argparse.Namespace, modalities: Sequence[str]) -> tuple[t
             found = find_cases(folder, modalities, on_missing="ignore")
     except ValueError as err:
         raise CLIError(str(err)) from None
-    if found.incomplete:
-        names = ", ".join(f"{c.name} (no {'/'.join(c.missing)})" for c in found.incomplete[:5])
-        more = f" and {len(found.incomplete) - 5} more" if len(found.incomplete) > 5 else ""
-        print(
-            f"skipping {len(found.incomplete)} incomplete case(s): {names}{more}", file=sys.stderr
-        )
-    cases = list(found)[: args.max_cases] if args.max_cases else list(found)
+    # incomplete cases are used for the modalities they have (``available``)
+    cases = sorted([*found.cases, *found.incomplete], key=lambda c: c.name)
+    if args.max_cases:
+        cases = cases[: args.max_cases]
     if not cases:
         raise CLIError(
-            f"no complete cases with modalities {', '.join(found.modalities)} found in "
+            f"no cases with any of the modalities {', '.join(found.modalities)} found in "
             f"{str(folder)!r} (files are matched by modality suffix, such as *-t1n.nii.gz)"
         )
-    pipeline = preprocessing(load=True, crop="center", roi_size=args.crop)
-    volumes = []
-    for case in _progress(cases, "loading cases", enabled=not args.quiet):
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                image = pipeline({"image": dict(case.paths)})["image"]
-        except Exception as err:  # nibabel and MONAI raise many kinds; name the case
-            raise CLIError(f"cannot read case {case.name!r}: {_first_line(err)}") from None
-        volumes.append(torch.as_tensor(image).float())
-    return torch.stack(volumes), f"{len(volumes)} cases from {folder}"
+    return cases, str(folder)
 
 
-def _phantom(args: argparse.Namespace, modalities: Sequence[str]) -> tuple[torch.Tensor, str]:
-    import torch
-
-    from mrissl.data import PhantomDataset
-
-    dataset = PhantomDataset(args.phantom_cases, shape=args.crop, modalities=modalities, seed=0)
-    volumes = [dataset[i] for i in _progress(range(len(dataset)), "phantom", not args.quiet)]
-    return torch.stack(volumes), f"{len(volumes)} synthetic phantom cases ({args.crop}³)"
-
-
-def _progress(items: Sequence[Any], desc: str, enabled: bool) -> Any:
-    if not enabled:
-        return items
+def _default_workers() -> int:
     try:
-        from tqdm import tqdm
-    except ImportError:
-        return items
-    return tqdm(items, desc=desc, file=sys.stderr, leave=False)
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _init_distributed() -> bool:
+    """Join the process group that ``torchrun`` describes in the environment, if any."""
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available():
+        return False
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    return True
 
 
 def _verdict(floor: float, std_error: float, reference: float) -> str:
@@ -224,9 +210,6 @@ def _verdict(floor: float, std_error: float, reference: float) -> str:
 
 
 def _collapse_check(args: argparse.Namespace) -> int:
-    import torch
-
-    from mrissl.diagnostics import collapsed_loss_floor
     from mrissl.modalities import canonical_modalities
 
     try:
@@ -236,31 +219,58 @@ def _collapse_check(args: argparse.Namespace) -> int:
     specs = [parse_mask_spec(s, args.patch_size) for s in (args.mask or DEFAULT_MASKS)]
     if args.reference_loss <= 0:
         raise CLIError(f"--reference-loss must be positive, got {args.reference_loss}")
-    if args.folder is None or args.demo:
-        volumes, source = _phantom(args, modalities)
-    else:
-        volumes, source = _load_folder(args, modalities)
-    if volumes.shape[0] < 2:
-        raise CLIError(f"need at least 2 cases to estimate a variance, got {volumes.shape[0]}")
+    workers = _default_workers() if args.workers is None else args.workers
+    if workers < 0:
+        raise CLIError(f"--workers must be >= 0, got {workers}")
+    started = _init_distributed()
+    try:
+        return _collapse_check_run(args, modalities, specs, workers)
+    finally:
+        if started:
+            import torch.distributed as dist
 
+            dist.destroy_process_group()
+
+
+def _collapse_check_run(
+    args: argparse.Namespace, modalities: list[str], specs: list[MaskSpec], workers: int
+) -> int:
+    from mrissl.data.collapse_run import CaseCrops, PhantomCrops, run_collapse_check
+    from mrissl.diagnostics import CollapseFloorMeter
+    from mrissl.distributed import rank
+
+    if args.folder is None or args.demo:
+        dataset: Any = PhantomCrops(args.phantom_cases, args.crop, modalities)
+        source = f"{args.phantom_cases} synthetic phantom cases ({args.crop}³)"
+    else:
+        cases, folder = _find_folder_cases(args, modalities)
+        dataset = CaseCrops(cases, modalities, args.crop)
+        source = f"{len(cases)} cases from {folder}"
+    meters = [
+        CollapseFloorMeter(
+            spec.generator,
+            patch_size=spec.patch_size,
+            num_draws=args.num_draws,
+            constant=args.constant,
+            reduction=args.reduction,
+            seed=args.seed,
+            gather_distributed=True,
+        )
+        for spec in specs
+    ]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            run = run_collapse_check(
+                dataset, meters, workers=workers, strict=args.strict, progress=not args.quiet
+            )
+    except ValueError as err:
+        raise CLIError(_first_line(err)) from None
+    _report_peak_rss()
+    if rank() != 0:
+        return 0
     rows = []
-    for spec in specs:
-        g = torch.Generator().manual_seed(args.seed)
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                result = collapsed_loss_floor(
-                    volumes,
-                    spec.generator,
-                    patch_size=spec.patch_size,
-                    num_draws=args.num_draws,
-                    constant=args.constant,
-                    reduction=args.reduction,
-                    generator=g,
-                    progress=False,
-                )
-        except ValueError as err:
-            raise CLIError(f"--mask {spec.text!r}: {err}") from None
+    for spec, result in zip(specs, run.results, strict=True):
         rows.append(
             {
                 "mask": spec.text,
@@ -277,7 +287,14 @@ def _collapse_check(args: argparse.Namespace) -> int:
     report = {
         "source": source,
         "modalities": modalities,
-        "shape": list(volumes.shape[1:]),
+        "shape": [len(modalities), args.crop, args.crop, args.crop],
+        "cases": run.cases,
+        "per_modality_cases": dict(zip(modalities, run.per_modality_cases, strict=True)),
+        "skipped": [{"case": s.name, "reason": s.reason} for s in run.skipped],
+        "seconds": run.seconds,
+        "seconds_per_case": run.seconds / max(1, run.cases + len(run.skipped)),
+        "workers": workers,
+        "processes": run.processes,
         "patch_size": args.patch_size,
         "constant": args.constant,
         "reduction": args.reduction,
@@ -285,6 +302,8 @@ def _collapse_check(args: argparse.Namespace) -> int:
         "reference_loss": args.reference_loss,
         "results": rows,
     }
+    for s in run.skipped:  # one line each, the file and the reason
+        print(f"skipped {s}", file=sys.stderr)
     if args.json:
         print(json.dumps(report, indent=2, allow_nan=False, default=_finite))
     else:
@@ -292,8 +311,25 @@ def _collapse_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report_peak_rss() -> None:
+    """For benchmarks: the main process's peak resident set size, on stderr (Linux only)."""
+    if not os.environ.get("MRISSL_REPORT_PEAK_RSS"):
+        return
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    kib = int(line.split()[1])
+                    print(f"peak RSS of the main process: {kib * 1024} bytes", file=sys.stderr)
+    except OSError:
+        pass
+
+
 def _finite(value: Any) -> Any:
     return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+GUIDE_URL = "https://mrissl.readthedocs.io/en/latest/collapse-check/"
 
 
 def _print_table(report: dict[str, Any]) -> None:
@@ -302,6 +338,13 @@ def _print_table(report: dict[str, Any]) -> None:
         f"Complete-collapse floor Var(x_m) (E-MIM eq. 3) on {report['source']}, "
         f"patch {report['patch_size']}, constant per {report['constant']}, "
         f"mean over {report['reduction']} voxels"
+    )
+    counts = ", ".join(f"{m} {n}" for m, n in report["per_modality_cases"].items())
+    skipped = f", {len(report['skipped'])} skipped" if report["skipped"] else ""
+    print(
+        f"{report['cases']} cases used{skipped} (cases per modality: {counts}); "
+        f"{report['seconds']:.1f} s, {report['seconds_per_case']:.2f} s per case "
+        f"({report['workers']} workers × {report['processes']} processes)"
     )
     head = ["mask", "masked", "Var(x_m)", "± s.e.", *mods, "verdict"]
     widths = [max(14, *(len(r["mask"]) for r in report["results"])), 7, 10, 9]
@@ -330,6 +373,43 @@ def _print_table(report: dict[str, Any]) -> None:
         f"CIFAR-10 figure). A floor below it means a model that outputs a constant beats a "
         f"healthy one, so masked image modelling can collapse (E-MIM section III-A)."
     )
+    print(_reading(report))
+
+
+def _reading(report: dict[str, Any]) -> str:
+    """A few plain sentences on what the verdicts mean for this run and what to change."""
+    verdicts = {r["verdict"] for r in report["results"]}
+    if report["constant"] == "voxel":
+        lines = [
+            "How to read it: --constant voxel (this run) lets the collapsed model output one "
+            "value per voxel, the dataset's mean image. That fits pretraining on registered, "
+            "whole or centred volumes. If you pretrain on random crops (BrainMVP's 96³), the "
+            "mean image cannot be placed; rerun with --constant modality (higher floors)."
+        ]
+    else:
+        lines = [
+            "How to read it: --constant modality (this run) lets the collapsed model output one "
+            "value per modality. That fits pretraining on random crops. For registered, whole "
+            "or centred volumes it can also output the mean image: rerun with --constant voxel "
+            "(lower floors, the stricter check)."
+        ]
+    if "COLLAPSE RISK" in verdicts:
+        lines.append(
+            "COLLAPSE RISK: predicting the constant already beats the reference loss, so the "
+            "optimiser can settle there. Mask more structure (whole modalities or positions: "
+            "hmp, block), normalise intensities per case (percentiles) so that the mean image "
+            "explains less, train on random crops, or add an anti-collapse term (pyramid "
+            "Barlow Twins)."
+        )
+    if "borderline" in verdicts:
+        lines.append(
+            "borderline: within two standard errors of the reference; raise --num-draws or "
+            "add cases to decide."
+        )
+    if verdicts == {"ok"}:
+        lines.append("ok: the constant's loss stays above the reference for every mask.")
+    lines.append(f"Guide: {GUIDE_URL}")
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------- rank
@@ -476,9 +556,14 @@ def _parser() -> argparse.ArgumentParser:
             "E-MIM (eq. 3): the mean squared error of the best constant predictor of the "
             "masked voxels over the dataset and the mask distribution (a Monte Carlo "
             "estimate with its standard error), per modality and overall, and compare it "
-            "with the loss a healthy model converges to. Reads a folder of NIfTI cases "
-            "(cropped or padded to --crop around the centre after RAS reorientation, 1 mm "
-            "resampling and 1-99 percentile scaling to [0, 1]); without a folder, or with "
+            "with the loss a healthy model converges to. Reads a folder of NIfTI cases once, "
+            "in parallel (--workers), each preprocessed as in BrainMVP (RAS, 1 mm, 1-99 "
+            "percentile scaling to [0, 1], foreground box) and cropped or padded to --crop "
+            "around the centre; memory does not grow with the number of cases. A case lacking "
+            "a modality is used for the modalities it has; an unreadable case (corrupt, "
+            "off-grid, 4D) is skipped and listed (--strict: exit 2 instead). Under torchrun "
+            "(torchrun --nproc_per_node=K -m mrissl collapse-check FOLDER) the cases are split "
+            "among the processes and rank 0 prints the same report. Without a folder, or with "
             "--demo, it uses the built-in synthetic phantom."
         ),
         epilog=_MASK_HELP,
@@ -508,8 +593,8 @@ def _parser() -> argparse.ArgumentParser:
         "--constant",
         choices=("voxel", "modality"),
         default="voxel",
-        help="the collapsed model's constant: one per voxel and modality (default), or one per "
-        "modality (for random crops)",
+        help="the collapsed model's constant: one per voxel and modality (default; registered, "
+        "whole or centred volumes), or one per modality (pretraining on random crops)",
     )
     cc.add_argument(
         "--reduction",
@@ -524,6 +609,20 @@ def _parser() -> argparse.ArgumentParser:
         help=f"loss of a healthy converged model to compare with (default {REFERENCE_LOSS})",
     )
     cc.add_argument("--max-cases", type=int, default=0, help="use at most this many cases")
+    cc.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="loader processes reading cases (default: the number of CPUs; 0 reads in the "
+        "main process); results do not depend on it",
+    )
+    cc.add_argument(
+        "--strict",
+        action="store_true",
+        help="stop with exit code 2 at the first case that cannot be read, instead of "
+        "skipping and listing it",
+    )
     cc.add_argument("--phantom-cases", type=int, default=8, help="phantom cases (default 8)")
     cc.add_argument("--seed", type=int, default=0, help="seed of the mask draws")
     cc.add_argument("--json", action="store_true", help="print a JSON report instead of a table")

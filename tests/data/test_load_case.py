@@ -169,3 +169,18 @@ def test_argument_validation(tmp_path, volumes):
         load_case({"t1": path}, dtype=torch.int64)
     with pytest.raises(ValueError, match="nan_policy"):
         load_case({"t1": path}, nan_policy="drop")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("scaled", [False, True])
+def test_integer_files_read_as_nibabel_scales_them(tmp_path, scaled):
+    rng = np.random.default_rng(0)
+    raw = rng.integers(-300, 3000, (6, 5, 4)).astype(np.int16)
+    img = nib.Nifti1Image(raw, np.eye(4))
+    if scaled:
+        img.header.set_slope_inter(0.5, 10.0)
+    path = tmp_path / "case_t1.nii.gz"
+    nib.save(img, path)
+    image, _ = load_case({"t1": path})
+    expected = nib.load(path).get_fdata(dtype=np.float32)
+    np.testing.assert_array_equal(image[0].numpy(), expected)
+    assert image.dtype == torch.float32

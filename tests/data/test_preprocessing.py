@@ -217,3 +217,20 @@ def test_errors_inside_the_pipeline_name_the_file_not_the_transform(tmp_path, vo
     with pytest.raises(ValueError, match=r"case_flair\.nii\.gz") as info:
         preprocessing(load=True)({"image": paths})
     assert "applying transform" not in str(info.value)
+
+
+@pytest.mark.parametrize("kind", ["uniform", "zeros", "integers", "strided"])
+def test_percentile_pair_on_large_volumes_equals_numpy(kind):
+    rng = np.random.default_rng(1)
+    n = 300_007  # above the size where a sample brackets the order statistics
+    values = rng.random(n).astype(np.float32)
+    if kind == "zeros":
+        values[: n * 3 // 4] = 0.0  # a background of ties
+    elif kind == "integers":
+        values = rng.integers(0, 40, n).astype(np.float32)
+    elif kind == "strided":  # the strided sample sees only zeros: the bracket must fail safely
+        values = np.ones(n, np.float32) * rng.random(n).astype(np.float32)
+        values[:: n // 65536] = 0.0
+    for q in ((1.0, 99.0), (5.0, 95.0), (0.0, 100.0)):
+        got = percentile_pair(torch.from_numpy(values), *q)
+        np.testing.assert_allclose(got, np.percentile(values.astype(np.float64), q), rtol=1e-7)

@@ -107,6 +107,17 @@ def _open_nifti(path: Path, modality: str) -> Any:
 
 def _read_voxels(img: Any, path: Path, modality: str, nan_policy: str) -> np.ndarray:
     where = f"{path} (modality {modality!r})"
+    proxy = img.dataobj
+    slope, inter = getattr(proxy, "slope", None), getattr(proxy, "inter", None)
+    if img.header.get_data_dtype().kind in "biu" and slope == 1.0 and inter == 0.0:
+        # integers without scaling are finite: the raw array is cast once, into the result
+        try:
+            raw: np.ndarray = np.asanyarray(proxy)
+        except Exception as err:  # truncated gzip, short file: "unreadable"
+            raise ValueError(
+                f"{where}: the voxel data cannot be read ({type(err).__name__}: {err})"
+            ) from err
+        return raw.reshape(raw.shape[:3])
     try:
         data = np.asarray(img.get_fdata(dtype=np.float32, caching="unchanged"))
     except Exception as err:  # truncated gzip, short file, bad scaling: all "unreadable"

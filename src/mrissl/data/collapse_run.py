@@ -1,0 +1,279 @@
+"""The data side of ``mrissl collapse-check``: one pass over a folder of cases, in parallel.
+
+[`CaseCrops`][mrissl.data.collapse_run.CaseCrops] turns each case of a folder into one
+preprocessed crop with its ``available`` modalities, or into a one-line reason why it cannot be
+used; [`run_collapse_check`][mrissl.data.collapse_run.run_collapse_check] reads them once
+through a ``torch.utils.data.DataLoader`` with worker processes, feeds every crop to one
+[`CollapseFloorMeter`][mrissl.diagnostics.CollapseFloorMeter] per mask, and merges the meters
+across ``torchrun`` processes. Peak memory does not depend on the number of cases.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset
+
+from mrissl.data.nifti import Case
+from mrissl.diagnostics.floor import CollapseFloor, CollapseFloorMeter
+from mrissl.distributed import all_reduce_, is_distributed, rank, world_size
+
+__all__ = ["CaseCrops", "CollapseRun", "PhantomCrops", "Skipped", "run_collapse_check"]
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A case that could not be used: its name and a one-line reason naming the file."""
+
+    name: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.name}: {self.reason}"
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+class CaseCrops(Dataset[dict[str, Any]]):
+    """One preprocessed crop per case, with the modalities it has.
+
+    Item ``i`` is ``{"image": (C, S, S, S) float32, "available": (C,) bool, "index": i,
+    "name": str, "error": None}``, with the channels of missing modalities zero and
+    ``available`` False there; or, for a case that cannot be read (corrupt, off-grid, 4D,
+    unreadable), ``{"index": i, "name": str, "error": "file: reason"}``. Nothing random: a
+    case gives the same crop in any worker.
+
+    Args:
+        cases: the cases, from [`find_cases`][mrissl.data.find_cases] (complete and
+            incomplete ones alike).
+        modalities: canonical modality names, the channel order.
+        crop: the crop size ``S``.
+        pipeline: a callable ``{"image": paths} -> {"image": (c, S, S, S)}`` for the
+            modalities present; default: [`preprocessing`][mrissl.data.preprocessing] with
+            ``load=True, crop="center", roi_size=crop``.
+
+    Examples:
+        >>> import nibabel as nib, numpy as np, tempfile, pathlib
+        >>> root = pathlib.Path(tempfile.mkdtemp())
+        >>> vol = nib.Nifti1Image(np.random.default_rng(0).random((8, 8, 8), np.float32), np.eye(4))
+        >>> nib.save(vol, root / "sub1_t1.nii.gz")
+        >>> item = CaseCrops([Case("sub1", {"t1": root / "sub1_t1.nii.gz"})], ["t1", "t2"], 8)[0]
+        >>> item["image"].shape, item["available"].tolist(), item["error"]
+        (torch.Size([2, 8, 8, 8]), [True, False], None)
+    """
+
+    def __init__(
+        self,
+        cases: Sequence[Case],
+        modalities: Sequence[str],
+        crop: int,
+        pipeline: Callable[[dict[str, Any]], Any] | None = None,
+    ) -> None:
+        self.cases, self.modalities, self.crop = list(cases), list(modalities), crop
+        if pipeline is None:
+            from mrissl.data.preprocessing import preprocessing
+
+            pipeline = preprocessing(load=True, crop="center", roi_size=crop)
+        self.pipeline = pipeline
+
+    def __len__(self) -> int:
+        return len(self.cases)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        case = self.cases[i]
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                image = torch.as_tensor(self.pipeline({"image": dict(case.paths)})["image"])
+        except Exception as err:  # nibabel and MONAI raise many kinds; one line, the file named
+            reason = _first_line(err)
+            if not any(os.fspath(p) in reason for p in case.paths.values()):
+                reason = f"{os.fspath(next(iter(case.paths.values())))}: {reason}"
+            return {"index": i, "name": case.name, "error": reason}
+        C, S = len(self.modalities), self.crop
+        out = torch.zeros((C, S, S, S), dtype=torch.float32)
+        available = torch.zeros(C, dtype=torch.bool)
+        for j, modality in enumerate(case.paths):
+            c = self.modalities.index(modality)
+            out[c] = image[j]
+            available[c] = True
+        return {"image": out, "available": available, "index": i, "name": case.name, "error": None}
+
+
+@dataclass
+class CollapseRun:
+    """What [`run_collapse_check`][mrissl.data.collapse_run.run_collapse_check] found."""
+
+    results: list[CollapseFloor]
+    cases: int
+    skipped: list[Skipped] = field(default_factory=list)
+    per_modality_cases: list[int] = field(default_factory=list)
+    seconds: float = 0.0
+    processes: int = 1
+
+
+class _Bar:
+    """One progress bar on stderr over the whole run (tqdm if installed)."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.bar: Any = None
+        self.enabled, self.total, self.done = enabled, total, 0
+        self.start = time.perf_counter()
+        if enabled:
+            try:
+                from tqdm import tqdm
+            except ImportError:
+                return
+            self.bar = tqdm(total=total, desc="collapse-check", unit="case", file=sys.stderr)
+
+    def update(self) -> None:
+        self.done += 1
+        if self.bar is not None:
+            self.bar.update()
+        elif self.enabled:
+            rate = (time.perf_counter() - self.start) / self.done
+            sys.stderr.write(f"\rcollapse-check: {self.done}/{self.total} cases, {rate:.2f} s/case")
+            sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        elif self.enabled and self.done:
+            sys.stderr.write("\n")
+
+
+def _items(dataset: Dataset[dict[str, Any]], indices: list[int], workers: int) -> Iterator[Any]:
+    if workers == 0:
+        for i in indices:
+            yield dataset[i]
+        return
+    loader = DataLoader(
+        dataset,
+        batch_size=None,  # one case at a time, as it comes from the worker
+        sampler=indices,
+        num_workers=workers,
+        prefetch_factor=2,
+        persistent_workers=False,
+    )
+    yield from loader
+
+
+def run_collapse_check(
+    dataset: Dataset[dict[str, Any]],
+    meters: Sequence[CollapseFloorMeter],
+    *,
+    workers: int = 0,
+    strict: bool = False,
+    progress: bool = False,
+) -> CollapseRun:
+    """Read every case once and feed it to every meter; merge across processes.
+
+    The cases are split among the ``torch.distributed`` processes (case ``i`` to rank
+    ``i mod world_size``), each read by ``workers`` loader processes. A case whose item holds
+    an ``"error"`` is skipped and listed, or, with ``strict``, stops the run.
+
+    Args:
+        dataset: items as [`CaseCrops`][mrissl.data.collapse_run.CaseCrops] gives them, or any
+            dataset of ``{"image": (C, D, H, W), "index": i}`` (``"available"`` optional).
+        meters: one per mask, built with ``seed`` (so the result does not depend on the
+            workers or processes) and ``gather_distributed=True`` for ``torchrun``.
+        workers: loader worker processes; 0 reads in this process.
+        strict: raise ``ValueError`` at the first case that cannot be read.
+        progress: one progress bar on stderr (on rank 0).
+
+    Returns:
+        A [`CollapseRun`][mrissl.data.collapse_run.CollapseRun].
+
+    Raises:
+        ValueError: with ``strict`` for the first bad case, or when fewer than two usable
+            cases remain (over all processes).
+    """
+    me, world = rank(), world_size()
+    indices = list(range(len(dataset)))[me::world]  # type: ignore[arg-type]
+    bar = _Bar(len(indices), progress and me == 0)
+    skipped: list[tuple[int, Skipped]] = []
+    start = time.perf_counter()
+    used = 0
+    try:
+        for item in _items(dataset, indices, workers):
+            if isinstance(item, dict) and item.get("error"):
+                skipped.append((int(item["index"]), Skipped(str(item["name"]), item["error"])))
+                bar.update()
+                if strict:
+                    break
+                continue
+            x = item["image"] if isinstance(item, dict) else item
+            available = item.get("available") if isinstance(item, dict) else None
+            index = [int(item["index"])] if isinstance(item, dict) and "index" in item else None
+            for meter in meters:
+                meter.update(x[None], available=None if available is None else available[None],
+                             index=index)  # fmt: skip
+            used += 1
+            bar.update()
+    finally:
+        bar.close()
+    all_skipped = _gather_skipped(skipped)
+    if strict and all_skipped:
+        raise ValueError(f"cannot read case {all_skipped[0]} (--strict)")
+    counts = torch.tensor([float(used)], dtype=torch.float64)
+    if is_distributed():
+        all_reduce_(counts)
+    total = int(counts[0])
+    if total < 2:
+        first = f"; {len(all_skipped)} skipped, first {all_skipped[0]}" if all_skipped else ""
+        raise ValueError(f"need at least 2 usable cases to estimate a variance, got {total}{first}")
+    results = [meter.compute() for meter in meters]
+    per_modality = results[0].per_modality_volumes if results else None
+    return CollapseRun(
+        results=results,
+        cases=total,
+        skipped=all_skipped,
+        per_modality_cases=[] if per_modality is None else [int(v) for v in per_modality],
+        seconds=time.perf_counter() - start,
+        processes=world,
+    )
+
+
+def _gather_skipped(local: list[tuple[int, Skipped]]) -> list[Skipped]:
+    everyone: list[Any] = [local]
+    if is_distributed():
+        everyone = [None] * world_size()
+        dist.all_gather_object(everyone, local)
+    merged = sorted((pair for part in everyone for pair in part), key=lambda pair: pair[0])
+    return [s for _, s in merged]
+
+
+class PhantomCrops(Dataset[dict[str, Any]]):
+    """The built-in phantom in the item layout of [`CaseCrops`][mrissl.data.collapse_run.CaseCrops].
+
+    Args:
+        n: number of heads.
+        crop: their size ``S`` (cubic).
+        modalities: channel order.
+
+    Examples:
+        >>> PhantomCrops(2, 16, ["t1", "t2"])[1]["image"].shape
+        torch.Size([2, 16, 16, 16])
+    """
+
+    def __init__(self, n: int, crop: int, modalities: Sequence[str]) -> None:
+        from mrissl.data.phantom import PhantomDataset
+
+        self.data = PhantomDataset(n, shape=crop, modalities=modalities, seed=0)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {"image": self.data[i], "index": i, "name": f"phantom-{i}", "error": None}
