@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Any, Literal, cast
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +29,9 @@ from torch import nn
 
 from mrissl._checks import Triple, check_floating, check_tensor, to_triple
 from mrissl.nn.patches import Layout, grid_size, patchify
+
+if TYPE_CHECKING:
+    from mrissl.nn.timm_vit import PatchEmbed3dFactory
 
 __all__ = ["PatchEmbed3d"]
 
@@ -48,7 +51,11 @@ class PatchEmbed3d(nn.Module):
             ``norm_layer(embed_dim)`` (for example ``nn.LayerNorm``).
         flatten: return a token sequence (``True``) or the token grid (``False``).
         output_fmt: for a grid output, ``"NCDHW"`` (the default when ``flatten=False``) or
-            ``"NDHWC"``; giving it implies ``flatten=False``, as in timm.
+            ``"NDHWC"``; giving it implies ``flatten=False``, as in timm. ``"NHWC"`` is what a
+            timm ``VisionTransformer`` built with ``dynamic_img_size=True`` asks for: the
+            layer then returns ``"NDHWC"`` grids, which the model takes once
+            [`adapt_timm_vit`][mrissl.nn.adapt_timm_vit] has made it resample its position
+            embedding in 3D.
         bias: whether the projection has a bias.
         strict_img_size: require inputs of exactly ``img_size``; when ``False`` any size that
             the patch size divides is accepted.
@@ -112,17 +119,15 @@ class PatchEmbed3d(nn.Module):
         _check_positive_int(embed_dim, "embed_dim")
         if layout not in ("stacked", "per_modality"):
             raise ValueError(f"layout must be 'stacked' or 'per_modality', got {layout!r}")
+        #: built by a timm ViT with dynamic_img_size=True (output_fmt="NHWC")
+        self.timm_dynamic = output_fmt == "NHWC"
+        #: set by adapt_timm_vit once the ViT resamples its position embedding in 3D
+        self.adapted_for_timm = False
         if output_fmt is not None:
-            if output_fmt not in ("NCDHW", "NDHWC"):
-                hint = (
-                    " (timm asks for 'NHWC' when dynamic_img_size=True, which resamples a 2D "
-                    "position embedding; build the VisionTransformer with "
-                    "dynamic_img_size=False for 3D inputs)"
-                    if output_fmt == "NHWC"
-                    else ""
-                )
+            if output_fmt not in ("NCDHW", "NDHWC", "NHWC"):
                 raise ValueError(
-                    f"output_fmt must be 'NCDHW', 'NDHWC' or None, got {output_fmt!r}{hint}"
+                    f"output_fmt must be 'NCDHW', 'NDHWC' or None ('NHWC' from timm's "
+                    f"dynamic_img_size=True), got {output_fmt!r}"
                 )
             flatten = False
         self.patch_size: Triple = to_triple(patch_size, "patch_size")
@@ -130,7 +135,9 @@ class PatchEmbed3d(nn.Module):
         self.embed_dim = embed_dim
         self.layout: Layout = layout
         self.flatten = flatten
-        self.output_fmt: Literal["NCDHW", "NDHWC"] = "NDHWC" if output_fmt == "NDHWC" else "NCDHW"
+        self.output_fmt: Literal["NCDHW", "NDHWC"] = (
+            "NDHWC" if output_fmt in ("NDHWC", "NHWC") else "NCDHW"
+        )
         self.strict_img_size = strict_img_size
         self.dynamic_img_pad = dynamic_img_pad
         self.img_size: Triple | None = None
@@ -153,6 +160,25 @@ class PatchEmbed3d(nn.Module):
             self.modality_embed = nn.Parameter(torch.empty(in_chans, embed_dim, **factory))
             nn.init.trunc_normal_(self.modality_embed, std=0.02)
         self.norm = norm_layer(embed_dim, **factory) if norm_layer else nn.Identity()
+
+    @classmethod
+    def for_timm(cls, img_size: int | Sequence[int], **kwargs: Any) -> PatchEmbed3dFactory:
+        """An ``embed_layer`` for ``timm.create_model`` that builds this layer for ``img_size``.
+
+        timm's ``create_model`` records the input size as 2D and rejects ``img_size=(D, H, W)``
+        after building the model; give the 3D size here instead (see
+        [`PatchEmbed3dFactory`][mrissl.nn.PatchEmbed3dFactory]).
+
+        Args:
+            img_size: the volume size ``(D, H, W)``, or one int.
+            **kwargs: further keywords of this layer, such as ``layout="per_modality"``.
+
+        Returns:
+            The factory to pass as ``embed_layer``.
+        """
+        from mrissl.nn.timm_vit import PatchEmbed3dFactory
+
+        return PatchEmbed3dFactory(img_size, **kwargs)
 
     @property
     def tokens_per_position(self) -> int:
@@ -210,11 +236,21 @@ class PatchEmbed3d(nn.Module):
                 f"x must have in_chans = {self.in_chans} modalities in dimension 1, "
                 f"got shape {tuple(x.shape)}"
             )
+        if self.timm_dynamic and not self.adapted_for_timm:
+            raise ValueError(
+                "this PatchEmbed3d belongs to a timm VisionTransformer built with "
+                "dynamic_img_size=True, which would resample its position embedding as a 2D "
+                "image; call mrissl.nn.adapt_timm_vit(vit) once after building the model to "
+                "resample it in 3D"
+            )
         size = tuple(x.shape[2:])
         if self.img_size is not None and self.strict_img_size and size != self.img_size:
             raise ValueError(
                 f"x has spatial size {size} but the layer was built for img_size "
-                f"{self.img_size}; pass strict_img_size=False to accept other sizes"
+                f"{self.img_size}; to accept other sizes, build the layer with "
+                f"strict_img_size=False, or, inside a timm VisionTransformer, build the model "
+                f"with dynamic_img_size=True and call mrissl.nn.adapt_timm_vit(vit) (timm's "
+                f"VisionTransformer does not take strict_img_size)"
             )
         if not self.dynamic_img_pad:
             grid_size(size, self.patch_size)

@@ -1,4 +1,4 @@
-"""Fixed 3D sine-cosine position embedding.
+"""3D position embeddings: a fixed sine-cosine table, and resampling a learned one.
 
 The 2D embedding of MAE (He et al. 2022) extended to three axes: the embedding dimension is
 split into three equal parts for depth, height and width, and each part holds
@@ -9,6 +9,11 @@ Positions are token indices by default. Given the voxel spacing, positions are t
 coordinates of the token centres in millimetres, so a grid of 1 × 1 × 3 mm voxels is encoded
 as the anisotropic grid it is, and two scans of different resolution that cover the same
 anatomy get comparable embeddings.
+
+[`resample_pos_embed_3d`][mrissl.nn.resample_pos_embed_3d] is the 3D counterpart of timm's
+``resample_abs_pos_embed``: it interpolates a learned ``(1, P + N, E)`` position embedding from
+one token grid to another (trilinear by default), keeping the ``P`` prefix tokens (class,
+register) as they are.
 """
 
 from __future__ import annotations
@@ -16,10 +21,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 
 from mrissl._checks import to_triple
 
-__all__ = ["sincos_pos_embed_3d"]
+__all__ = ["resample_pos_embed_3d", "sincos_pos_embed_3d"]
 
 
 def sincos_pos_embed_3d(
@@ -111,3 +117,85 @@ def _spacing_triple(spacing: float | Sequence[float]) -> tuple[float, float, flo
     if not all(v > 0 and v < float("inf") for v in values):
         raise ValueError(f"spacing must be positive and finite (millimetres), got {spacing!r}")
     return values[0], values[1], values[2]
+
+
+def resample_pos_embed_3d(
+    pos_embed: torch.Tensor,
+    new_grid: int | Sequence[int],
+    old_grid: int | Sequence[int],
+    *,
+    num_prefix_tokens: int = 1,
+    num_groups: int = 1,
+    mode: str = "trilinear",
+    align_corners: bool = False,
+) -> torch.Tensor:
+    """Interpolate a learned position embedding from one 3D token grid to another.
+
+    The grid tokens of ``pos_embed`` are taken as ``num_groups`` raster-order grids of
+    ``old_grid`` (one per modality for per-modality tokens, modality-major), each resampled
+    to ``new_grid`` with ``torch.nn.functional.interpolate``; the prefix tokens are kept. The
+    interpolation runs in float32 (or float64 for a float64 table) and the result has the
+    dtype of ``pos_embed``. Gradients flow to ``pos_embed``.
+
+    Args:
+        pos_embed: ``(1, P + G·N_old, E)``, or ``(P + G·N_old, E)``.
+        new_grid: the token grid ``(gd, gh, gw)`` to resample to, or one int.
+        old_grid: the token grid ``pos_embed`` was built for, or one int.
+        num_prefix_tokens: ``P``, the tokens before the grid (class and register tokens).
+        num_groups: ``G``, the number of grids stored one after the other.
+        mode: ``"trilinear"`` (default) or ``"nearest"``, ``"nearest-exact"``, ``"area"``.
+        align_corners: as in ``interpolate``, for ``"trilinear"``.
+
+    Returns:
+        ``(1, P + G·N_new, E)`` (or ``(P + G·N_new, E)`` for a 2D input); ``pos_embed``
+        itself when the grids are equal.
+
+    Raises:
+        ValueError: if the token count does not match ``old_grid``, ``num_prefix_tokens`` and
+            ``num_groups``, or ``mode`` is unknown.
+
+    Examples:
+        >>> pe = torch.randn(1, 1 + 4 * 6 * 8, 48)  # a class token and a 4×6×8 grid
+        >>> resample_pos_embed_3d(pe, (2, 6, 10), (4, 6, 8)).shape
+        torch.Size([1, 121, 48])
+        >>> resample_pos_embed_3d(pe, (4, 6, 8), (4, 6, 8)) is pe
+        True
+    """
+    new = to_triple(new_grid, "new_grid")
+    old = to_triple(old_grid, "old_grid")
+    if mode not in ("trilinear", "nearest", "nearest-exact", "area"):
+        raise ValueError(
+            f"mode must be 'trilinear', 'nearest', 'nearest-exact' or 'area', got {mode!r}"
+        )
+    for value, name, least in (
+        (num_prefix_tokens, "num_prefix_tokens", 0),
+        (num_groups, "num_groups", 1),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
+    if not isinstance(pos_embed, torch.Tensor) or pos_embed.ndim not in (2, 3):
+        raise ValueError(
+            f"pos_embed must be a (1, P + G·N, E) or (P + G·N, E) tensor, got "
+            f"{getattr(pos_embed, 'shape', type(pos_embed))}"
+        )
+    table = pos_embed if pos_embed.ndim == 3 else pos_embed[None]
+    n_old = old[0] * old[1] * old[2]
+    expected = num_prefix_tokens + num_groups * n_old
+    if table.shape[0] != 1 or table.shape[1] != expected:
+        raise ValueError(
+            f"pos_embed must hold num_prefix_tokens + num_groups · prod(old_grid) = "
+            f"{num_prefix_tokens} + {num_groups}·{n_old} = {expected} tokens, got shape "
+            f"{tuple(pos_embed.shape)}"
+        )
+    if new == old:
+        return pos_embed
+    E = table.shape[-1]
+    prefix, grid_tokens = table[:, :num_prefix_tokens], table[:, num_prefix_tokens:]
+    work = torch.float64 if table.dtype == torch.float64 else torch.float32
+    # (1, G·N, E) -> (G, E, gd, gh, gw): one "batch" entry per group
+    grids = grid_tokens.to(work).reshape(num_groups, *old, E).permute(0, 4, 1, 2, 3)
+    corners = align_corners if mode == "trilinear" else None
+    resized = F.interpolate(grids, size=new, mode=mode, align_corners=corners)
+    flat = resized.permute(0, 2, 3, 4, 1).reshape(1, -1, E).to(table.dtype)
+    out = torch.cat([prefix, flat], dim=1)
+    return out if pos_embed.ndim == 3 else out[0]
