@@ -2,7 +2,8 @@
 
 Lightning starts the second process by running this script again with its rank in the
 environment. Each process saves the features it produced; rank 0's CSV logger writes the values
-the callback logged. Usage: ``python _lightning_ddp_script.py OUT_DIR``.
+the callback and the torchmetrics wrapper logged.
+Usage: ``python _lightning_ddp_script.py OUT_DIR``.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 from lightning.pytorch.loggers import CSVLogger
 
 from mrissl.integrations.lightning import EffectiveRankCallback
+from mrissl.integrations.torchmetrics import EffectiveRank
 
 
 class Module(pl.LightningModule):
@@ -22,11 +24,17 @@ class Module(pl.LightningModule):
         super().__init__()
         self.encoder = torch.nn.Linear(6, 4)
         self.seen: dict[int, list[torch.Tensor]] = {}
+        self.metric = EffectiveRank(4)  # the torchmetrics wrapper, synced by torchmetrics
 
     def training_step(self, batch, batch_idx):
         z = self.encoder(batch[0])
         self.seen.setdefault(self.current_epoch, []).append(z.detach().clone())
+        self.metric.update(z)
         return {"loss": z.pow(2).mean(), "embeddings": z}
+
+    def on_train_epoch_end(self):
+        self.log("torchmetrics/effective_rank", self.metric.compute(), sync_dist=False)
+        self.metric.reset()
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.1)

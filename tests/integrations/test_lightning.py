@@ -173,6 +173,7 @@ def test_mrissl_does_not_import_the_integrations():
     reason="torch.distributed with the gloo backend is not available on this platform",
 )
 def test_ddp_two_processes_log_the_rank_of_the_global_epoch(tmp_path):
+    pytest.importorskip("torchmetrics")
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(Path(mrissl.__file__).parents[1]), str(HERE)]),
@@ -195,6 +196,7 @@ def test_ddp_two_processes_log_the_rank_of_the_global_epoch(tmp_path):
         z = torch.cat(local)
         expected = float(effective_rank(z))
         assert logged["train/embeddings/effective_rank"][epoch] == pytest.approx(expected, 1e-9)
+        assert logged["torchmetrics/effective_rank"][epoch] == pytest.approx(expected, 1e-9)
         # and not the rank of what rank 0 saw alone
         assert float(effective_rank(local[0])) != pytest.approx(expected, 1e-6)
         assert logged["train/embeddings/rankme"][epoch] == pytest.approx(
