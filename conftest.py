@@ -7,11 +7,24 @@ behaviour switches back with ``mrissl.checks("none")``.
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Iterator
 
 import pytest
 
 import mrissl
+
+# The docstrings of mrissl.integrations need their frameworks (optional extras); their tests
+# skip themselves with pytest.importorskip.
+collect_ignore = [
+    f"src/mrissl/integrations/{module}.py"
+    for module, package in (
+        ("lightning", "lightning"),
+        ("ignite", "ignite"),
+        ("torchmetrics", "torchmetrics"),
+    )
+    if importlib.util.find_spec(package) is None
+]
 
 
 @pytest.fixture(autouse=True)

@@ -5,13 +5,16 @@ framework is needed only by the code that uses it; nothing else in mrissl import
 package. Install the frameworks with the extras of the same names, for example
 ``pip install "mrissl[lightning]"``:
 
-* [`mrissl.integrations.lightning`][mrissl.integrations.lightning]: ``EffectiveRankCallback``,
-  a Lightning callback that logs the effective rank and RankMe of chosen features, and a
+* ``mrissl.integrations.lightning``:
+  [`EffectiveRankCallback`][mrissl.integrations.lightning.EffectiveRankCallback], a Lightning
+  callback that logs the effective rank and RankMe of chosen features, and a
   ``CollapseMonitor`` verdict, every epoch.
-* [`mrissl.integrations.ignite`][mrissl.integrations.ignite]: ``EffectiveRankHandler``, the
-  same for Ignite engines, MONAI's ``SupervisedTrainer`` and ``SupervisedEvaluator`` included.
-* [`mrissl.integrations.torchmetrics`][mrissl.integrations.torchmetrics]: ``EffectiveRank``,
-  the streaming meter as a ``torchmetrics.Metric``.
+* ``mrissl.integrations.ignite``:
+  [`EffectiveRankHandler`][mrissl.integrations.ignite.EffectiveRankHandler], the same for
+  Ignite engines, MONAI's ``SupervisedTrainer`` and ``SupervisedEvaluator`` included.
+* ``mrissl.integrations.torchmetrics``:
+  [`EffectiveRank`][mrissl.integrations.torchmetrics.EffectiveRank], the streaming meter as a
+  ``torchmetrics.Metric``.
 """
 
 __all__: list[str] = []
