@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ast
 import doctest
+
 import importlib.util
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,6 +33,18 @@ OPTIONAL = {
     "ignite": "ignite",
     "torchmetrics": "torchmetrics",
 }
+
+# The docstrings of mrissl.integrations need their frameworks (optional extras); their tests
+# skip themselves with pytest.importorskip.
+collect_ignore = [
+    f"src/mrissl/integrations/{module}.py"
+    for module, package in (
+        ("lightning", "lightning"),
+        ("ignite", "ignite"),
+        ("torchmetrics", "torchmetrics"),
+    )
+    if importlib.util.find_spec(package) is None
+]
 
 
 @pytest.fixture(autouse=True)

@@ -1,0 +1,3 @@
+"""The DDP script is run by a test in its own processes; it is not a test module."""
+
+collect_ignore = ["_lightning_ddp_script.py"]
