@@ -201,10 +201,13 @@ def _init_distributed() -> bool:
     return True
 
 
-def _verdict(floor: float, std_error: float, reference: float) -> str:
-    if floor + 2 * std_error < reference:
+def _verdict(floor: float, std_error: float, reference: float, num_draws: int = 8) -> str:
+    from mrissl.diagnostics._student_t import t_quantile  # 95 % interval, evaluation draws − 1 dof
+
+    half = t_quantile(0.975, max(num_draws - num_draws // 2 - 1, 1)) * std_error
+    if floor + half < reference:
         return "COLLAPSE RISK"
-    if floor - 2 * std_error < reference:
+    if floor - half < reference:
         return "borderline"
     return "ok"
 
@@ -281,7 +284,9 @@ def _collapse_check_run(
                 "per_modality_std_error": dict(
                     zip(modalities, result.per_modality_std_error.tolist(), strict=True)
                 ),
-                "verdict": _verdict(result.floor, result.std_error, args.reference_loss),
+                "verdict": _verdict(
+                    result.floor, result.std_error, args.reference_loss, args.num_draws
+                ),
             }
         )
     report = {

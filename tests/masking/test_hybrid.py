@@ -173,3 +173,40 @@ def test_cpu_and_cuda_agree_in_distribution():
         torch.bincount(m.sum(dim=(1, 2)).cpu(), minlength=109).float() / 2000 for m in (cpu, gpu)
     ]
     assert torch.allclose(hist[0], hist[1], atol=0.04)
+
+
+# E-MIM Table III, C = 4 modalities: the masked fraction of each row, from the row's steps
+# written out (modal hides 1 of 4; position r of the positions in all modalities; patch half
+# of the modalities still visible at every position the earlier steps left)
+def table_iii_fraction(modal, position, patch, C=4):
+    hidden_modal = 1 if modal else 0
+    r_pos = (0.75 if (not modal and not patch) else 0.5) if position else 0.0
+    visible = C - hidden_modal
+    per_position = hidden_modal + (C - hidden_modal) * r_pos
+    if patch:
+        per_position += (1 - r_pos) * visible * 0.5
+    return per_position / C
+
+
+@pytest.mark.parametrize("row", [row for row, _ in TABLE_III])
+def test_table_iii_row_masks_the_fraction_of_its_steps(row, gen):
+    hmp = HybridMaskPattern.table_iii_row(*row)
+    names = tuple(n for n, on in zip(("modal", "position", "patch"), row, strict=True) if on)
+    assert hmp.steps == names
+    mask = hmp.sample(16, 4, 216, generator=gen)
+    want = table_iii_fraction(*row)
+    assert mask.float().mean().item() == pytest.approx(want, abs=1e-9)
+    assert hmp.expected_mask_ratio(4, 216) == pytest.approx(want, abs=1e-12)
+
+
+def test_table_iii_position_only_row_is_the_papers_mae_at_75_percent(gen):
+    mae = HybridMaskPattern.table_iii_row(False, True, False)
+    mask = mae.sample(8, 4, 216, generator=gen)
+    # MAE on stacked tokens: the same 162 of 216 positions hidden in every modality
+    assert (mask == mask[:, :1]).all()
+    assert mask[:, 0].sum(dim=1).tolist() == [162] * 8
+
+
+def test_table_iii_empty_row_is_not_defined():
+    with pytest.raises(ValueError, match="position-only row"):
+        HybridMaskPattern.table_iii_row(False, False, False)
