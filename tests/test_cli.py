@@ -230,7 +230,8 @@ class _Payload:
 def test_rank_never_unpickles_arbitrary_objects(tmp_path, capsys):
     torch.save(_Payload(), tmp_path / "evil.pt")
     line = _error_line(capsys, ["rank", str(tmp_path / "evil.pt")])
-    assert "cannot read features" in line
+    assert "evil.pt" in line
+    assert "pickles Python objects" in line
 
 
 def test_rank_plot_is_written(tmp_path, capsys):

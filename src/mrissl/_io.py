@@ -39,6 +39,10 @@ MAX_VOXELS = 1024**3
 _MAX_GZIP_RATIO = 1100
 
 
+class UnreadableFileError(ValueError):
+    """A user's file that cannot be read as what it should be; the message names the file."""
+
+
 def one_line(err: BaseException) -> str:
     """``Type: message`` of an exception, on one line (the first line of its message)."""
     text = str(err).strip()
@@ -203,16 +207,23 @@ def load_tensors(path: PathLike, *, what: str = "file") -> Any:
 
     p, place = _check_path(path, f"{what} {str(path)!r}", "path")
     if p.stat().st_size == 0:
-        raise ValueError(f"{place}: the file is empty")
+        raise UnreadableFileError(f"{place}: the file is empty")
+    with p.open("rb") as f:
+        magic = f.read(2)
+    # torch.save writes a zip archive ("PK"); its legacy format starts with a pickle protocol
+    if magic not in (b"PK", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05"):
+        raise UnreadableFileError(f"{place}: not a torch.save file (it starts with {magic!r})")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch's notes on pickle protocols
             return torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
-        raise ValueError(
+        raise UnreadableFileError(
             f"{place}: it pickles Python objects other than tensors, containers and numbers; "
             "they are not loaded (torch.load(weights_only=True)). Save plain tensors or a "
             "state_dict instead"
         ) from None
     except Exception as err:
-        raise ValueError(f"{place}: not a readable torch.save file ({one_line(err)})") from None
+        raise UnreadableFileError(
+            f"{place}: not a readable torch.save file ({one_line(err)})"
+        ) from None
