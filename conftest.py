@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import ast
 import doctest
-
 import importlib.util
 from collections.abc import Iterator
 from pathlib import Path

@@ -67,8 +67,9 @@ def test_help_imports_nothing_heavy(argv):
 
 def test_subcommand_does_import_torch(tmp_path):
     """The probe can see an import: running a subcommand does load torch."""
+    (tmp_path / "empty.pt").write_bytes(b"")  # exists, so argparse lets the subcommand run
     body = (
         "from mrissl.cli import main\n"
-        f"main(['templates', 'export', {str(tmp_path / 'none.pt')!r}, {str(tmp_path)!r}])\n"
+        f"main(['templates', 'export', {str(tmp_path / 'empty.pt')!r}, {str(tmp_path)!r}])\n"
     )
     assert "torch" in _heavy_modules_after(body)

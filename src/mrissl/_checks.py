@@ -92,10 +92,9 @@ def check_index(index: torch.Tensor, name: str, batch: int, length: int) -> torc
 
 def check_generator(generator: torch.Generator | None, device: torch.device) -> None:
     """Check that a random generator is a ``torch.Generator`` on ``device``'s type."""
+    check_generator_type(generator)
     if generator is None:
         return
-    if not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator)}")
     if generator.device.type != device.type:
         raise ValueError(
             f"generator is on {generator.device} but the mask is made on {device}: pass a "
@@ -131,3 +130,53 @@ def check_available(
             f"available must mark at least one modality per case; cases {cases} have none"
         )
     return avail
+
+
+def check_finite(x: torch.Tensor, name: str, *, always: bool = False) -> torch.Tensor:
+    """Reject NaN or infinite values in ``x``, naming ``name`` and how many there are.
+
+    Reading the result is a host synchronisation, so on the step path it runs only when
+    ``values_checked()``; constructors, file readers and offline diagnostics pass
+    ``always=True``.
+    """
+    if not (always or values_checked()) or x.numel() == 0 or not x.is_floating_point():
+        return x
+    bad = int((~torch.isfinite(x.detach())).sum())
+    if bad:
+        raise ValueError(
+            f"{name} holds {bad} NaN or infinite value(s) of {x.numel()}; expected finite values"
+        )
+    return x
+
+
+def check_generator_type(generator: Any) -> None:
+    """Check that ``generator`` is a ``torch.Generator`` or ``None`` (an int seed is not one)."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return
+    hint = ""
+    if isinstance(generator, int) and not isinstance(generator, bool):
+        hint = f"; for a seed pass torch.Generator().manual_seed({generator})"
+    raise TypeError(
+        f"generator must be a torch.Generator or None, got {type(generator).__name__}"
+        f" {generator!r}{hint}"
+    )
+
+
+def as_index(index: Any, name: str, device: torch.device) -> Any:
+    """Turn a nested list or tuple of ints into an int64 tensor on ``device``; pass others on.
+
+    Users naturally write ``keep=[[0, 1], [1, 2]]``; a tensor (of any dtype) is returned
+    unchanged for [`check_index`][] to judge. Floats or bools in a list are a ``TypeError``.
+    """
+    if isinstance(index, torch.Tensor) or not isinstance(index, list | tuple):
+        return index
+    try:
+        probe = torch.as_tensor(index)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise TypeError(
+            f"{name} must be an int64 tensor or a rectangular nested list of ints, got a "
+            f"{type(index).__name__} that is neither ({err})"
+        ) from None
+    if probe.is_floating_point() or probe.is_complex() or probe.dtype == torch.bool:
+        raise TypeError(f"{name} must hold ints, got a {type(index).__name__} of {probe.dtype}")
+    return probe.to(device=device, dtype=torch.long)

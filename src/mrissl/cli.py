@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mrissl import _cli_args as _arg
 from mrissl._version import __version__
 
 if TYPE_CHECKING:  # imported inside the subcommands at run time (fast --help)
@@ -424,6 +425,8 @@ def _load_features(path: Path, key: str | None) -> torch.Tensor:
     import numpy as np
     import torch
 
+    from mrissl._io import UnreadableFileError, load_tensors
+
     if not path.is_file():
         raise CLIError(f"file {str(path)!r} does not exist")
     suffix = path.suffix.lower()
@@ -437,8 +440,8 @@ def _load_features(path: Path, key: str | None) -> torch.Tensor:
                     raise CLIError(f"{str(path)!r} holds arrays {names}; choose one with --key")
                 loaded = loaded[name]
             return torch.from_numpy(np.asarray(loaded))
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except CLIError:
+        loaded = load_tensors(path, what="features")
+    except (CLIError, UnreadableFileError):
         raise
     except Exception as err:
         raise CLIError(f"cannot read features from {str(path)!r}: {_first_line(err)}") from None
@@ -516,15 +519,13 @@ def _rank(args: argparse.Namespace) -> int:
 def _templates_export(args: argparse.Namespace) -> int:
     import torch
 
+    from mrissl._io import load_tensors
     from mrissl.templates import ModalityTemplates
 
     checkpoint = Path(args.checkpoint)
     if not checkpoint.is_file():
         raise CLIError(f"checkpoint {str(checkpoint)!r} does not exist")
-    try:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise CLIError(f"cannot read checkpoint {str(checkpoint)!r}: {_first_line(err)}") from None
+    state = load_tensors(checkpoint, what="checkpoint")  # ValueError: one line naming it
     if not isinstance(state, dict):
         raise CLIError(f"{str(checkpoint)!r} holds a {type(state).__name__}, not a state_dict")
     affine = None
@@ -545,8 +546,25 @@ def _templates_export(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- entry point
 
 
+_POSITIVE_SIDE = _arg.int_in(1, _arg.MAX_SIDE, "a positive whole number of voxels")
+_NUM_DRAWS = _arg.int_in(3, _arg.MAX_COUNT, "a whole number of passes (at least 3)")
+_MAX_CASES = _arg.int_in(0, _arg.MAX_COUNT * 100, "a whole number of cases (0 = all)")
+_PHANTOM_CASES = _arg.int_in(2, _arg.MAX_COUNT, "a whole number of cases (at least 2)")
+_SEED = _arg.int_in(0, _arg.MAX_SEED, "a non-negative whole number")
+_TOP = _arg.int_in(0, _arg.MAX_COUNT, "a non-negative whole number")
+_WORKERS = _arg.int_in(0, 1024, "a non-negative whole number of loader processes")
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line on stderr (exit code 2)."""
+
+    def error(self, message: str) -> Any:  # argparse's signature is NoReturn
+        text = " ".join(message.split())
+        self.exit(2, f"{self.prog}: error: {text} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="mrissl",
         description="Checks for self-supervised pretraining on multi-modal 3D MRI.",
     )
@@ -583,6 +601,7 @@ def _parser() -> argparse.ArgumentParser:
         nargs="+",
         default=list(DEFAULT_MODALITIES),
         metavar="NAME",
+        type=_arg.modality,
         help="modalities in channel order, any known spelling (default: t1 t1ce t2 flair)",
     )
     cc.add_argument(
@@ -591,9 +610,15 @@ def _parser() -> argparse.ArgumentParser:
         metavar="SPEC",
         help=f"masking strategy, repeatable (default: {' '.join(DEFAULT_MASKS)})",
     )
-    cc.add_argument("--patch-size", type=int, default=16, help="token patch size (default 16)")
-    cc.add_argument("--crop", type=int, default=96, help="cubic crop size in voxels (default 96)")
-    cc.add_argument("--num-draws", type=int, default=8, help="Monte Carlo passes (default 8)")
+    cc.add_argument(
+        "--patch-size", type=_POSITIVE_SIDE, default=16, help="token patch size (default 16)"
+    )
+    cc.add_argument(
+        "--crop", type=_POSITIVE_SIDE, default=96, help="cubic crop size in voxels (default 96)"
+    )
+    cc.add_argument(
+        "--num-draws", type=_NUM_DRAWS, default=8, help="Monte Carlo passes (default 8)"
+    )
     cc.add_argument(
         "--constant",
         choices=("voxel", "modality"),
@@ -609,14 +634,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     cc.add_argument(
         "--reference-loss",
-        type=float,
+        type=_arg.positive_float,
         default=REFERENCE_LOSS,
         help=f"loss of a healthy converged model to compare with (default {REFERENCE_LOSS})",
     )
-    cc.add_argument("--max-cases", type=int, default=0, help="use at most this many cases")
+    cc.add_argument("--max-cases", type=_MAX_CASES, default=0, help="use at most this many cases")
     cc.add_argument(
         "--workers",
-        type=int,
+        type=_WORKERS,
         default=None,
         metavar="N",
         help="loader processes reading cases (default: the number of CPUs; 0 reads in the "
@@ -628,8 +653,10 @@ def _parser() -> argparse.ArgumentParser:
         help="stop with exit code 2 at the first case that cannot be read, instead of "
         "skipping and listing it",
     )
-    cc.add_argument("--phantom-cases", type=int, default=8, help="phantom cases (default 8)")
-    cc.add_argument("--seed", type=int, default=0, help="seed of the mask draws")
+    cc.add_argument(
+        "--phantom-cases", type=_PHANTOM_CASES, default=8, help="phantom cases (default 8)"
+    )
+    cc.add_argument("--seed", type=_SEED, default=0, help="seed of the mask draws")
     cc.add_argument("--json", action="store_true", help="print a JSON report instead of a table")
     cc.add_argument("--quiet", action="store_true", help="no progress bar")
     cc.set_defaults(run=_collapse_check)
@@ -644,11 +671,20 @@ def _parser() -> argparse.ArgumentParser:
             "al.). Reads torch.save files (loaded with weights_only=True) or NumPy .npy/.npz."
         ),
     )
-    rk.add_argument("file", help="features: .pt/.pth (a tensor or a dict of tensors), .npy or .npz")
+    rk.add_argument(
+        "file",
+        type=_arg.existing_file,
+        help="features: .pt/.pth (a tensor or a dict of tensors), .npy or .npz",
+    )
     rk.add_argument("--key", help="which tensor of a dict or .npz file")
     rk.add_argument("--no-center", action="store_true", help="do not subtract the feature mean")
-    rk.add_argument("--top", type=int, default=10, help="singular values to print (default 10)")
-    rk.add_argument("--plot", metavar="PNG", help="save a log-scale spectrum plot (extra 'plot')")
+    rk.add_argument("--top", type=_TOP, default=10, help="singular values to print (default 10)")
+    rk.add_argument(
+        "--plot",
+        metavar="PNG",
+        type=_arg.new_file,
+        help="save a log-scale spectrum plot (extra 'plot')",
+    )
     rk.add_argument("--json", action="store_true", help="print a JSON report")
     rk.set_defaults(run=_rank)
 
@@ -664,13 +700,17 @@ def _parser() -> argparse.ArgumentParser:
             "modality, with the modality names and order in each header."
         ),
     )
-    ex.add_argument("checkpoint", help="a state_dict, or a dict nesting one, saved with torch.save")
-    ex.add_argument("folder", help="output folder (created if needed)")
+    ex.add_argument(
+        "checkpoint",
+        type=_arg.existing_file,
+        help="a state_dict, or a dict nesting one, saved with torch.save",
+    )
+    ex.add_argument("folder", type=_arg.output_folder, help="output folder (created if needed)")
     ex.add_argument("--prefix", help="the templates' key prefix when there are several")
     ex.add_argument(
         "--spacing",
         nargs=3,
-        type=float,
+        type=_arg.positive_float,
         metavar=("SD", "SH", "SW"),
         help="voxel size in mm for the affine (default: the affine stored with the templates)",
     )
@@ -701,7 +741,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         0
     """
     parser = _parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as done:  # --help, --version, or a usage error already printed
+        return done.code if isinstance(done.code, int) else 0 if done.code is None else 2
     run: Callable[[argparse.Namespace], int] | None = getattr(args, "run", None)
     if run is None:
         parser.print_help()
@@ -710,6 +753,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run(args)
     except CLIError as err:
         print(f"mrissl {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except (OSError, ValueError) as err:  # from the user's files or arguments; others are bugs
+        print(f"mrissl {args.command}: error: {_first_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

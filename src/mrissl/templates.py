@@ -41,6 +41,7 @@ from torch import nn
 from mrissl._checks import (
     Triple,
     check_available,
+    check_finite,
     check_floating,
     check_generator,
     check_tensor,
@@ -800,20 +801,23 @@ class ModalityTemplates(nn.Module):
             The templates, their affine taken from the files.
 
         Raises:
-            ValueError: if the folder holds no template, a requested modality has no file, or
-                the files disagree in shape or affine.
+            ValueError: if the folder holds no template, a requested modality has no file,
+                the files disagree in shape or affine, or a file cannot be read, is not a
+                3-D real-valued volume or holds NaN or infinite voxels (one line naming it).
         """
-        import nibabel
         import numpy as np
 
-        nib: Any = nibabel
+        from mrissl._io import open_nifti, read_voxels
+
         folder = Path(folder)
+        if not folder.is_dir():
+            raise ValueError(f"folder {str(folder)!r} does not exist or is not a folder")
         files = sorted(p for p in folder.iterdir() if p.name.endswith((".nii", ".nii.gz")))
         entries: list[tuple[int, str, Path, str]] = []
+        images: dict[Path, Any] = {}
         for p in files:
-            descrip = (
-                bytes(nib.load(str(p)).header["descrip"]).split(b"\0")[0].decode(errors="replace")
-            )
+            images[p] = open_nifti(p)  # header checked: one ValueError line naming the file
+            descrip = bytes(images[p].header["descrip"]).split(b"\0")[0].decode(errors="replace")
             m = re.match(r"mrissl template (\S+) (\d+)/\d+ normalise=(\S+)", descrip)
             stem = p.name[: -len(".nii.gz")] if p.name.endswith(".gz") else p.name[:-4]
             if m:
@@ -834,8 +838,9 @@ class ModalityTemplates(nn.Module):
                 )
         arrays, affines = [], []
         for name in names:
-            img: Any = nib.load(str(by_name[name][0]))
-            arrays.append(np.asarray(img.dataobj, dtype=np.float32))
+            path = by_name[name][0]
+            img: Any = images[path]
+            arrays.append(read_voxels(img, where=str(path)))
             affines.append(np.asarray(img.affine, dtype=np.float64))
         shapes = {a.shape for a in arrays}
         if len(shapes) != 1 or len(arrays[0].shape) != 3:
@@ -1085,7 +1090,7 @@ def _initial(init: Any, shape: tuple[int, ...]) -> torch.Tensor:
             )
         if not init.is_floating_point():
             raise TypeError(f"init tensor must be floating point, got dtype {init.dtype}")
-        return init.detach().clone().float()
+        return check_finite(init.detach().clone().float(), "init tensor", always=True)
     if isinstance(init, bool) or not isinstance(init, (int, float)) or not math.isfinite(init):
         raise ValueError(f"init must be 'zeros', a finite number or a tensor, got {init!r}")
     return torch.full(shape, float(init))

@@ -12,7 +12,6 @@ are read, and every error names the file it is about.
 
 from __future__ import annotations
 
-import math
 import os
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -20,10 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
-import nibabel as nib
 import numpy as np
 import torch
 
+from mrissl._io import open_nifti, read_voxels
 from mrissl.modalities import MODALITY_ALIASES, canonical_modalities
 
 __all__ = ["Case", "FoundCases", "NiftiCase", "find_cases", "load_case"]
@@ -31,9 +30,6 @@ __all__ = ["Case", "FoundCases", "NiftiCase", "find_cases", "load_case"]
 PathLike = str | os.PathLike[str]
 
 _NIFTI_SUFFIXES = (".nii.gz", ".nii")
-# 1024³ voxels in one volume (4 GiB as float32) is far beyond any MRI scan; a header claiming
-# more is corrupt or hostile, and reading it would exhaust memory.
-_MAX_VOXELS = 1024**3
 _SEPARATORS = "-_. "
 # the longest alias (e.g. "t1-pre-contrast") spans at most this many separated words
 _MAX_ALIAS_WORDS = 3
@@ -67,76 +63,18 @@ def _stem(path: Path) -> str:
 
 def _open_nifti(path: Path, modality: str) -> Any:
     """Open a NIfTI image and check its header; the voxel data are not read yet."""
-    where = f"{path} (modality {modality!r})"
-    if not path.exists():
-        raise FileNotFoundError(f"{where}: no such file")
-    if not path.is_file():
-        raise ValueError(f"{where}: not a regular file")
-    if not _is_nifti_name(path):
-        raise ValueError(f"{where}: not a NIfTI file; expected a name ending in .nii or .nii.gz")
-    try:
-        img = nib.load(path)
-    except Exception as err:  # nibabel raises many types for a bad header; report them all alike
-        raise ValueError(
-            f"{where}: not a readable NIfTI file ({type(err).__name__}: {err})"
-        ) from err
-    if not isinstance(img, nib.Nifti1Image):  # Nifti2Image is a subclass
-        raise ValueError(
-            f"{where}: nibabel read it as {type(img).__name__}, expected a NIfTI-1 or NIfTI-2 image"
-        )
-    shape = tuple(int(s) for s in img.shape)
-    # Trailing axes of length 1 (written by some tools as (X, Y, Z, 1)) carry no data.
-    while len(shape) > 3 and shape[-1] == 1:
-        shape = shape[:-1]
-    if len(shape) != 3:
-        raise ValueError(
-            f"{where}: expected a 3D volume, got an image of shape {tuple(img.shape)} "
-            f"({len(img.shape)}D); split 4D series into one file per volume"
-        )
-    if min(shape) < 1 or math.prod(shape) > _MAX_VOXELS:
-        raise ValueError(f"{where}: implausible volume shape {shape} in the header")
-    header: Any = img.header
-    dtype = header.get_data_dtype()
-    if dtype.fields is not None or dtype.kind not in "biuf":
-        raise ValueError(f"{where}: unsupported voxel data type {dtype}; expected real numbers")
-    affine = np.asarray(img.affine, dtype=np.float64)
-    if affine.shape != (4, 4) or not np.isfinite(affine).all():
-        raise ValueError(f"{where}: the header's affine is missing or not finite")
-    return img
+    return open_nifti(path, where=f"{path} (modality {modality!r})")
 
 
 def _read_voxels(img: Any, path: Path, modality: str, nan_policy: str) -> np.ndarray:
     where = f"{path} (modality {modality!r})"
-    proxy = img.dataobj
-    slope, inter = getattr(proxy, "slope", None), getattr(proxy, "inter", None)
-    if img.header.get_data_dtype().kind in "biu" and slope == 1.0 and inter == 0.0:
-        # integers without scaling are finite: the raw array is cast once, into the result
-        try:
-            raw: np.ndarray = np.asanyarray(proxy)
-        except Exception as err:  # truncated gzip, short file: "unreadable"
-            raise ValueError(
-                f"{where}: the voxel data cannot be read ({type(err).__name__}: {err})"
-            ) from err
-        return raw.reshape(raw.shape[:3])
-    try:
-        data = np.asarray(img.get_fdata(dtype=np.float32, caching="unchanged"))
-    except Exception as err:  # truncated gzip, short file, bad scaling: all "unreadable"
-        raise ValueError(
-            f"{where}: the voxel data cannot be read ({type(err).__name__}: {err})"
-        ) from err
-    data = data.reshape(data.shape[:3])
-    finite = np.isfinite(data)
-    if not finite.all():
-        bad = int(data.size - np.count_nonzero(finite))
-        if bad == data.size:
-            raise ValueError(f"{where}: every voxel is NaN or infinite")
-        if nan_policy == "raise":
-            raise ValueError(
-                f"{where}: {bad} of {data.size} voxels are NaN or infinite; "
-                "pass nan_policy='zero' to replace them with 0"
-            )
-        warnings.warn(f"{where}: replaced {bad} NaN or infinite voxels with 0", stacklevel=3)
-        data = np.where(finite, data, np.float32(0.0))
+    data: np.ndarray = read_voxels(
+        img,
+        where=where,
+        nan_policy=nan_policy,  # type: ignore[arg-type]
+        stacklevel=4,
+        raw_integers=True,
+    )
     return data
 
 

@@ -21,7 +21,14 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 
-from mrissl._checks import check_available, check_floating, check_tensor, to_triple
+from mrissl._checks import (
+    check_available,
+    check_finite,
+    check_floating,
+    check_generator_type,
+    check_tensor,
+    to_triple,
+)
 from mrissl.distributed import all_reduce_, is_distributed
 from mrissl.distributed import rank as _rank
 from mrissl.distributed import world_size as _world_size
@@ -141,6 +148,7 @@ def _extract(item: Any, key: str, what: str) -> tuple[Any, Any, Any]:
 def _as_batch(x: torch.Tensor, what: str) -> torch.Tensor:
     check_tensor(x, what, ndim=(4, 5))
     check_floating(x, what)
+    check_finite(x, what)  # a NaN voxel would make the floor NaN ± NaN
     return x.unsqueeze(0) if x.ndim == 4 else x
 
 
@@ -439,6 +447,10 @@ def collapsed_loss_floor(
     """
     _check_count(batch_size, "batch_size", 1)
     _check_count(num_workers, "num_workers", 0)
+    if isinstance(data, torch.Tensor):  # offline: the values are always checked
+        if data.ndim > 0 and data.shape[0] == 0:
+            raise ValueError(f"data must hold at least one volume, got shape {tuple(data.shape)}")
+        check_finite(data, "data", always=True)
     meter = CollapseFloorMeter(
         mask_generator,
         patch_size=patch_size,
@@ -532,6 +544,7 @@ class CollapseFloorMeter:
             to_triple(patch_size, "patch_size")
         if seed is not None:
             _check_count(seed, "seed", 0)
+        check_generator_type(generator)
         self.mask_generator, self.patch_size = mask_generator, patch_size
         self.num_draws, self.constant, self.reduction = num_draws, constant, reduction
         self.generator, self.seed = generator, seed

@@ -29,7 +29,7 @@ from typing import Literal, overload
 import torch
 from torch import nn
 
-from mrissl._checks import check_index
+from mrissl._checks import as_index, check_index, check_tensor
 from mrissl._settings import values_checked
 from mrissl.losses._common import check_choice, check_positive
 from mrissl.losses.barlow_twins import BatchMode, Mode, barlow_twins
@@ -142,6 +142,8 @@ def pyramid_barlow_twins(
                 shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
                 raise ValueError(f"{name}[{level}] must be a (B, N, E) tensor, got {shape}")
         if keep is not None:
+            keep = as_index(keep, "keep", z.device)
+            check_tensor(keep, "keep", ndim=2)
             if z_m.shape[1] != keep.shape[-1]:
                 raise ValueError(
                     f"masked[{level}] must hold one token per kept position: keep has shape "

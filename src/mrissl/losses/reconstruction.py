@@ -106,7 +106,8 @@ def masked_reconstruction_loss(
     Raises:
         TypeError: if ``pred``/``target`` are not floating or a mask is not bool.
         ValueError: naming the argument, for shapes that do not fit each other or
-            ``patch_size``, a missing ``mask`` or ``patch_size``, NaN or Inf.
+            ``patch_size``, a missing ``mask`` or ``patch_size``, ``norm_pix`` with one
+            voxel per patch (a variance over one value), NaN or Inf.
 
     Examples:
         MAE on stacked tokens, counting only the masked positions:
@@ -204,6 +205,13 @@ def masked_reconstruction_loss(
                 w = av if w is None else w & av
             t = t.to(dtype)
             if norm_pix:
+                values = P * (C if pred.ndim == 3 else 1)  # values normalised together
+                if values < 2:
+                    raise ValueError(
+                        f"norm_pix=True normalises each target patch by its variance, which is "
+                        f"undefined over {values} value (patch_size {patch_size!r} gives {P} "
+                        "voxel per patch); use a larger patch_size or norm_pix=False"
+                    )
                 t = _norm_pix(t, over_modalities=pred.ndim == 3, av=available)
             diff2 = (p.to(dtype) - t).square()
         else:

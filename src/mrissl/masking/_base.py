@@ -16,7 +16,13 @@ from typing import Any
 
 import torch
 
-from mrissl._checks import check_available, check_generator, check_tensor, to_triple
+from mrissl._checks import (
+    check_available,
+    check_generator,
+    check_generator_type,
+    check_tensor,
+    to_triple,
+)
 from mrissl.nn import grid_size
 
 __all__ = ["MaskGenerator", "target_mask"]
@@ -70,6 +76,7 @@ def _resolve_device(
     device: torch.device | str | None, generator: torch.Generator | None
 ) -> torch.device:
     """The device masks are made on; a generator must live on a device of the same type."""
+    check_generator_type(generator)
     if device is None:
         dev = generator.device if generator is not None else torch.device("cpu")
     else:

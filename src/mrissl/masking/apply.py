@@ -248,6 +248,12 @@ def keep_indices(
         isinstance(num_kept, bool) or not isinstance(num_kept, int) or not 0 <= num_kept <= L
     ):
         raise ValueError(f"num_kept must be an int in [0, {L}] (C·N of the mask), got {num_kept!r}")
+    if flat.shape[0] == 0:  # an empty batch keeps nothing (and has no min or max count)
+        K0 = 0 if num_kept is None else num_kept
+        index = torch.zeros((0, K0), dtype=torch.long, device=mask.device)
+        restore0 = torch.zeros((0, L), dtype=torch.long, device=mask.device)
+        padding0 = torch.zeros((0, K0), dtype=torch.bool, device=mask.device)
+        return KeepIndices(index, restore0, padding0)
     order = torch.argsort(flat.to(torch.uint8), dim=1, stable=True)
     restore = torch.argsort(order, dim=1)
     kept = (~flat).sum(dim=1)
@@ -573,6 +579,8 @@ def cross_modal_fill(
                 f"{tuple(mask.shape)}"
             )
         src = _source_volume(volume, source, fallback, out)
+        if _needs_grad(volume):  # where(out=...) has no autograd
+            return torch.where(mask.to(device), src, volume), source
         return torch.where(mask.to(device), src, volume, out=src), source
 
     if patch_size is None:
@@ -590,10 +598,19 @@ def cross_modal_fill(
     m5 = _token_mask_5d(mask.to(device), grid, B, C)
 
     filled = _source_volume(volume, source, fallback, out)  # one copy, channel by channel
+    if _needs_grad(volume):  # the in-place put-back below has no autograd
+        kept = _row_mask(~m5, p[2])
+        rows_grad = torch.where(kept, _rows(volume, p[0], p[1]), _rows(filled, p[0], p[1]))
+        return rows_grad.reshape(volume.shape), source
     # put the kept patches back, in place
     rows = _rows(filled, p[0], p[1])
     torch.where(_row_mask(~m5, p[2]), _rows(volume, p[0], p[1]), rows, out=rows)
     return filled, source
+
+
+def _needs_grad(volume: torch.Tensor) -> bool:
+    """Whether autograd records operations on ``volume`` (then no ``out=`` kernels)."""
+    return torch.is_grad_enabled() and volume.requires_grad
 
 
 def _source_volume(

@@ -254,6 +254,12 @@ class PatchEmbed3d(nn.Module):
             )
         if not self.dynamic_img_pad:
             grid_size(size, self.patch_size)
+        weight = self.proj.weight
+        if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(
+                f"x has dtype {x.dtype} but the layer's weights are {weight.dtype}; run it under "
+                f"torch.autocast or convert the layer with .to({x.dtype})"
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Embed ``x: (B, C, D, H, W)``; see the class docstring for the output shapes."""
@@ -310,11 +316,11 @@ class PatchEmbed3d(nn.Module):
         if self.layout == "stacked":
             # slab i: (B, gh, gw, C, p0, p1, p2) -> (B, gh·gw, C·P)
             slabs = v.permute(2, 0, 4, 6, 1, 3, 5, 7)
-            flat: tuple[int, ...] = (B, gh * gw, -1)
+            flat: tuple[int, ...] = (B, gh * gw, C * p0 * p1 * p2)  # no -1: B may be 0
         else:
             # slab i: (B, C, gh, gw, p0, p1, p2) -> (B, C, gh·gw, P)
             slabs = v.permute(2, 0, 1, 4, 6, 3, 5, 7)
-            flat = (B, C, gh * gw, -1)
+            flat = (B, C, gh * gw, p0 * p1 * p2)
         buffer = torch.empty(slabs.shape[1:], dtype=x.dtype, device=x.device)
         parts = []
         for i in range(gd):

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from mrissl._checks import check_index, check_tensor
+from mrissl._checks import as_index, check_index, check_tensor
 
 __all__ = ["gather_tokens", "scatter_tokens"]
 
@@ -48,6 +48,7 @@ def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
                 [[6., 7.]]])
     """
     check_tensor(x, "x", ndim=range(2, 8))
+    index = as_index(index, "index", x.device)
     check_index(index, "index", x.shape[0], x.shape[1])
     if index.device != x.device:
         raise ValueError(f"index is on {index.device} but x is on {x.device}")
@@ -97,6 +98,7 @@ def scatter_tokens(
         raise ValueError(
             f"length must be at least the number of tokens given ({x.shape[1]}), got {length}"
         )
+    index = as_index(index, "index", x.device)
     check_index(index, "index", x.shape[0], length)
     if index.shape[1] != x.shape[1]:
         raise ValueError(

@@ -1,0 +1,248 @@
+"""Reading users' files: one checked path for NIfTI volumes and one for saved tensors (private).
+
+Every reader of a file the user supplies goes through here: [`load_case`][mrissl.data.load_case],
+[`ModalityTemplates.from_nifti`][mrissl.templates.ModalityTemplates.from_nifti], ``mrissl rank``
+and ``mrissl templates export``. The contract:
+
+* a NIfTI header is checked before any voxel is read: a 3-D volume (trailing axes of length 1
+  dropped), a plausible number of voxels for the size of the file (a forged header cannot make
+  us allocate), a real numeric data type (complex and structured types are rejected) and a
+  finite affine;
+* the voxels are read as float32 and NaN or infinite ones are rejected (or zeroed on request);
+* a saved tensor file is read with ``torch.load(weights_only=True)``, so nothing user-supplied
+  is ever unpickled beyond tensors, containers and numbers;
+* every failure, whatever nibabel, gzip, zlib or the OS raised, becomes one ``ValueError`` line
+  (``FileNotFoundError`` for a missing file) that names the file and the reason.
+
+nibabel and NumPy are imported inside the functions, so importing this module costs nothing.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+__all__: list[str] = []
+
+PathLike = str | os.PathLike[str]
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+# 1024³ voxels in one volume (4 GiB as float32) is far beyond any MRI scan; a header claiming
+# more is corrupt or hostile, and reading it would exhaust memory.
+MAX_VOXELS = 1024**3
+# deflate cannot compress by more than 1032:1, so a .nii.gz of n bytes holds at most ~1032 n.
+_MAX_GZIP_RATIO = 1100
+
+
+class UnreadableFileError(ValueError):
+    """A user's file that cannot be read as what it should be; the message names the file."""
+
+
+def one_line(err: BaseException) -> str:
+    """``Type: message`` of an exception, on one line (the first line of its message)."""
+    text = str(err).strip()
+    first = text.splitlines()[0] if text else ""
+    return f"{type(err).__name__}: {first}" if first else type(err).__name__
+
+
+def _check_path(path: Any, where: str | None, what: str) -> tuple[Path, str]:
+    if not isinstance(path, str | os.PathLike):
+        raise TypeError(f"{what} must be a str or path, got {type(path).__name__}")
+    p = Path(path)
+    place = where or str(p)
+    if not p.exists():
+        raise FileNotFoundError(f"{place}: no such file")
+    if not p.is_file():
+        raise ValueError(f"{place}: not a regular file")
+    return p, place
+
+
+def open_nifti(path: PathLike, *, where: str | None = None, ndim: int = 3) -> Any:
+    """Open a NIfTI image and check its header; the voxel data are not read yet.
+
+    Args:
+        path: a ``.nii`` or ``.nii.gz`` file.
+        where: how error messages name the file (default: the path).
+        ndim: the number of dimensions the image must have after dropping trailing axes of
+            length 1.
+
+    Returns:
+        The ``nibabel.Nifti1Image`` (or ``Nifti2Image``), its data still on disk.
+
+    Raises:
+        FileNotFoundError: if the file does not exist.
+        ValueError: naming the file, for anything else wrong with it.
+    """
+    import nibabel as nib
+    import numpy as np
+
+    p, place = _check_path(path, where, "path")
+    if not p.name.lower().endswith(NIFTI_SUFFIXES):
+        raise ValueError(f"{place}: not a NIfTI file; expected a name ending in .nii or .nii.gz")
+    size = p.stat().st_size
+    if size == 0:
+        raise ValueError(f"{place}: the file is empty")
+    try:
+        img: Any = nib.load(p)
+        shape = tuple(int(s) for s in img.shape)
+        header: Any = img.header
+        dtype = header.get_data_dtype()
+        offset = int(getattr(img.dataobj, "offset", 0))
+        affine = np.asarray(img.affine, dtype=np.float64)
+    except Exception as err:  # nibabel, gzip and zlib raise many types; report them alike
+        raise ValueError(f"{place}: not a readable NIfTI file ({one_line(err)})") from None
+    if not isinstance(img, nib.Nifti1Image):  # Nifti2Image is a subclass
+        raise ValueError(
+            f"{place}: nibabel read it as {type(img).__name__}, expected a NIfTI-1 or NIfTI-2 image"
+        )
+    kept = shape
+    # Trailing axes of length 1 (written by some tools as (X, Y, Z, 1)) carry no data.
+    while len(kept) > ndim and kept[-1] == 1:
+        kept = kept[:-1]
+    if len(kept) != ndim:
+        hint = "; split 4D series into one file per volume" if len(kept) > ndim else ""
+        raise ValueError(
+            f"{place}: expected a {ndim}D volume, got an image of shape {shape} "
+            f"({len(shape)}D){hint}"
+        )
+    voxels = math.prod(kept)
+    if min(kept) < 1 or voxels > MAX_VOXELS:
+        raise ValueError(f"{place}: implausible volume shape {shape} in the header")
+    if dtype.fields is not None or dtype.kind not in "biuf":
+        raise ValueError(f"{place}: unsupported voxel data type {dtype}; expected real numbers")
+    nbytes = voxels * dtype.itemsize
+    if p.name.lower().endswith(".gz"):
+        if nbytes > _MAX_GZIP_RATIO * size:
+            raise ValueError(
+                f"{place}: the header promises {nbytes} bytes of voxel data, more than a "
+                f"compressed file of {size} bytes can hold; the header is corrupt"
+            )
+    elif offset + nbytes > size:
+        raise ValueError(
+            f"{place}: the file is truncated: the header promises {nbytes} bytes of voxel data "
+            f"after byte {offset}, the file has {size} bytes"
+        )
+    if affine.shape != (4, 4) or not np.isfinite(affine).all():
+        raise ValueError(f"{place}: the header's affine is missing or not finite")
+    return img
+
+
+def read_voxels(
+    img: Any,
+    *,
+    where: str,
+    nan_policy: Literal["raise", "zero"] = "raise",
+    stacklevel: int = 3,
+    raw_integers: bool = False,
+) -> Any:
+    """The voxels of an image from [`open_nifti`][], float32, trailing unit axes dropped.
+
+    With ``raw_integers=True``, integer data stored without scaling (slope 1, intercept 0) is
+    returned as its raw integer array instead: it cannot hold NaN, and the caller casts it once
+    into its own result, which saves a float32 copy and a NaN scan of every volume.
+
+    Raises:
+        ValueError: naming the file, if the data cannot be read (a truncated or corrupt
+            stream), or holds NaN or infinite values (only all of them with ``"zero"``).
+    """
+    import numpy as np
+
+    if raw_integers:
+        proxy = img.dataobj
+        slope, inter = getattr(proxy, "slope", None), getattr(proxy, "inter", None)
+        if img.header.get_data_dtype().kind in "biu" and slope == 1.0 and inter == 0.0:
+            try:
+                raw: np.ndarray = np.asanyarray(proxy)
+            except Exception as err:  # truncated gzip, short file: "unreadable"
+                raise ValueError(
+                    f"{where}: the voxel data cannot be read ({one_line(err)})"
+                ) from None
+            shape = raw.shape
+            while len(shape) > 3 and shape[-1] == 1:
+                shape = shape[:-1]
+            return raw.reshape(shape)
+    try:
+        data = np.asarray(img.get_fdata(dtype=np.float32, caching="unchanged"))
+    except Exception as err:  # truncated gzip, short file, bad scaling: all "unreadable"
+        raise ValueError(f"{where}: the voxel data cannot be read ({one_line(err)})") from None
+    shape = data.shape
+    while len(shape) > 3 and shape[-1] == 1:
+        shape = shape[:-1]
+    data = data.reshape(shape)
+    finite = np.isfinite(data)
+    if not finite.all():
+        bad = int(data.size - np.count_nonzero(finite))
+        if bad == data.size:
+            raise ValueError(f"{where}: every voxel is NaN or infinite")
+        if nan_policy == "raise":
+            raise ValueError(
+                f"{where}: {bad} of {data.size} voxels are NaN or infinite; "
+                "pass nan_policy='zero' to replace them with 0"
+            )
+        warnings.warn(
+            f"{where}: replaced {bad} NaN or infinite voxels with 0", stacklevel=stacklevel
+        )
+        data = np.where(finite, data, np.float32(0.0))
+    return data
+
+
+def read_nifti(
+    path: PathLike, *, where: str | None = None, nan_policy: Literal["raise", "zero"] = "raise"
+) -> tuple[Any, Any, Any]:
+    """Open, check and read one NIfTI volume: ``(data, affine, header)``.
+
+    ``data`` is a float32 NumPy array of 3 dimensions, ``affine`` a ``(4, 4)`` float64 array.
+    Raises ``FileNotFoundError`` or a one-line ``ValueError`` naming the file.
+    """
+    import numpy as np
+
+    img = open_nifti(path, where=where)
+    place = where or str(path)
+    data = read_voxels(img, where=place, nan_policy=nan_policy, stacklevel=4)
+    return data, np.asarray(img.affine, dtype=np.float64), img.header
+
+
+def load_tensors(path: PathLike, *, what: str = "file") -> Any:
+    """Read a ``torch.save`` file safely: ``torch.load(weights_only=True)`` onto the CPU.
+
+    Only tensors, containers of them and plain numbers and strings are rebuilt; a file that
+    pickles any other Python object is rejected and its code never runs.
+
+    Args:
+        path: the file.
+        what: how messages name it (``"checkpoint"``, ``"features"``).
+
+    Raises:
+        FileNotFoundError: if the file does not exist.
+        ValueError: one line naming the file, if it is empty, not a ``torch.save`` file, or
+            holds pickled objects other than tensors.
+    """
+    import pickle
+
+    p, place = _check_path(path, f"{what} {str(path)!r}", "path")
+    if p.stat().st_size == 0:
+        raise UnreadableFileError(f"{place}: the file is empty")
+    with p.open("rb") as f:
+        magic = f.read(2)
+    # torch.save writes a zip archive ("PK"); its legacy format starts with a pickle protocol
+    if magic not in (b"PK", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05"):
+        raise UnreadableFileError(f"{place}: not a torch.save file (it starts with {magic!r})")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's notes on pickle protocols
+            return torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise UnreadableFileError(
+            f"{place}: it pickles Python objects other than tensors, containers and numbers; "
+            "they are not loaded (torch.load(weights_only=True)). Save plain tensors or a "
+            "state_dict instead"
+        ) from None
+    except Exception as err:
+        raise UnreadableFileError(
+            f"{place}: not a readable torch.save file ({one_line(err)})"
+        ) from None
