@@ -138,6 +138,7 @@ CASES: dict[str, Case] = {
     ),
     "ModalMask": Case(lambda x, a: ModalMask()(x, P, available=a), _vol_avail),
     "ModalMask-probability": Case(lambda x: ModalMask(probability=0.5)(x, P), _vol),
+    "ModalMask-candidates": Case(lambda x: ModalMask(candidates=[0, 2])(x, P), _vol),
     "PositionMask": Case(lambda x: PositionMask(0.5)(x, P), _vol),
     "PatchMask": Case(lambda x, a: PatchMask(0.5)(x, P, available=a), _vol_avail),
     "HybridMaskPattern": Case(lambda x: HybridMaskPattern()(x, P), _vol),

@@ -122,10 +122,13 @@ class ModalMask(MaskGenerator):
                 f"ModalMask candidates must be modality indices below num_modalities={C}, "
                 f"got {self.candidates}"
             )
-        # the candidates as the bits of one int: made on the device without a host-to-device
-        # copy (indexing with a list would copy the list, a synchronisation on CUDA)
-        bits = sum(1 << c for c in self.candidates)
-        return (bits >> torch.arange(C, device=device)) & 1 == 1
+        # comparisons on the device: indexing with the list would copy it to the device,
+        # a synchronisation on CUDA
+        index = torch.arange(C, device=device)
+        out = torch.zeros(C, dtype=torch.bool, device=device)
+        for c in self.candidates:
+            out |= index == c
+        return out
 
     def _draw(
         self,
