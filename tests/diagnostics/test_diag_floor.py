@@ -467,3 +467,33 @@ def test_meter_equals_the_function_on_the_same_draws():
     for i in (5, 0, 3, 1, 4, 2):  # any order
         meter.update(volumes[i], index=[i])
     assert meter.compute().floor == pytest.approx(whole.floor, rel=1e-6)  # float32 x - shift
+
+
+class TokensThenVoxels:
+    """RandomSubsetMask that returns every odd call as the equivalent voxel mask."""
+
+    def __init__(self, k: int, p: int) -> None:
+        self.inner, self.p, self.calls = RandomSubsetMask(k), p, 0
+
+    def __call__(self, volume, patch_size, generator=None):
+        tokens = self.inner(volume, patch_size, generator=generator)
+        self.calls += 1
+        if self.calls % 2 == 0:  # the last draw of a batch is tokens, an earlier one voxels
+            return tokens
+        B, C = tokens.shape[:2]
+        g = volume.shape[2] // self.p
+        grid = tokens.reshape(B, C, g, 1, g, 1, g, 1).expand(B, C, g, self.p, g, self.p, g, self.p)
+        return grid.reshape(volume.shape)
+
+
+def test_token_and_voxel_masks_give_the_same_floor():
+    volumes = torch.rand(5, 2, 4, 4, 4, generator=torch.Generator().manual_seed(15))
+    runs = [
+        collapsed_loss_floor(
+            volumes, gen, patch_size=2, num_draws=6, batch_size=2,
+            generator=torch.Generator().manual_seed(0),
+        )
+        for gen in (RandomSubsetMask(3), TokensThenVoxels(3, 2))
+    ]  # fmt: skip
+    assert runs[1].floor == pytest.approx(runs[0].floor, rel=1e-9)
+    torch.testing.assert_close(runs[1].per_modality, runs[0].per_modality, rtol=1e-9, atol=0)

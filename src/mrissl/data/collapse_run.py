@@ -153,18 +153,24 @@ class _Bar:
             sys.stderr.write("\n")
 
 
-def _items(dataset: Dataset[dict[str, Any]], indices: list[int], workers: int) -> Iterator[Any]:
+def _as_list(items: list[Any]) -> list[Any]:
+    return items
+
+
+def _batches(
+    dataset: Dataset[dict[str, Any]], indices: list[int], workers: int, batch_size: int
+) -> Iterator[list[Any]]:
+    chunks = [indices[s : s + batch_size] for s in range(0, len(indices), batch_size)]
     if workers == 0:
-        for i in indices:
-            yield dataset[i]
+        for chunk in chunks:
+            yield [dataset[i] for i in chunk]
         return
     loader = DataLoader(
         dataset,
-        batch_size=None,  # one case at a time, as it comes from the worker
-        sampler=indices,
+        batch_sampler=chunks,
         num_workers=workers,
+        collate_fn=_as_list,  # good and bad cases side by side; stacked below
         prefetch_factor=2,
-        persistent_workers=False,
     )
     yield from loader
 
@@ -174,6 +180,7 @@ def run_collapse_check(
     meters: Sequence[CollapseFloorMeter],
     *,
     workers: int = 0,
+    batch_size: int = 2,
     strict: bool = False,
     progress: bool = False,
 ) -> CollapseRun:
@@ -184,11 +191,13 @@ def run_collapse_check(
     an ``"error"`` is skipped and listed, or, with ``strict``, stops the run.
 
     Args:
-        dataset: items as [`CaseCrops`][mrissl.data.collapse_run.CaseCrops] gives them, or any
-            dataset of ``{"image": (C, D, H, W), "index": i}`` (``"available"`` optional).
+        dataset: items as [`CaseCrops`][mrissl.data.collapse_run.CaseCrops] gives them: mappings
+            ``{"image": (C, D, H, W), "index": i}`` (``"available"`` optional), or
+            ``{"index": i, "name": str, "error": str}`` for a case that cannot be used.
         meters: one per mask, built with ``seed`` (so the result does not depend on the
             workers or processes) and ``gather_distributed=True`` for ``torchrun``.
         workers: loader worker processes; 0 reads in this process.
+        batch_size: cases per update of the meters.
         strict: raise ``ValueError`` at the first case that cannot be read.
         progress: one progress bar on stderr (on rank 0).
 
@@ -206,21 +215,32 @@ def run_collapse_check(
     start = time.perf_counter()
     used = 0
     try:
-        for item in _items(dataset, indices, workers):
-            if isinstance(item, dict) and item.get("error"):
-                skipped.append((int(item["index"]), Skipped(str(item["name"]), item["error"])))
+        for batch in _batches(dataset, indices, workers, batch_size):
+            good = []
+            for item in batch:
+                if item.get("error"):
+                    skipped.append((int(item["index"]), Skipped(str(item["name"]), item["error"])))
+                    if strict:
+                        break
+                else:
+                    good.append(item)
+            if good:
+                x = torch.stack([item["image"] for item in good])
+                available = None
+                if any("available" in item for item in good):
+                    available = torch.stack(
+                        [item.get("available", torch.ones(x.shape[1], dtype=torch.bool))
+                         for item in good]
+                    )  # fmt: skip
+                index = [int(item["index"]) for item in good]
+                for meter in meters:
+                    meter.update(x, available=available, index=index)
+                del x
+            used += len(good)
+            for _ in batch:
                 bar.update()
-                if strict:
-                    break
-                continue
-            x = item["image"] if isinstance(item, dict) else item
-            available = item.get("available") if isinstance(item, dict) else None
-            index = [int(item["index"])] if isinstance(item, dict) and "index" in item else None
-            for meter in meters:
-                meter.update(x[None], available=None if available is None else available[None],
-                             index=index)  # fmt: skip
-            used += 1
-            bar.update()
+            if strict and skipped:
+                break
     finally:
         bar.close()
     all_skipped = _gather_skipped(skipped)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import math
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Sized
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ from mrissl._checks import (
 from mrissl.distributed import all_reduce_, is_distributed
 from mrissl.distributed import rank as _rank
 from mrissl.distributed import world_size as _world_size
-from mrissl.nn import grid_size, unpatchify
+from mrissl.nn import grid_size
 
 __all__ = ["CollapseFloor", "CollapseFloorMeter", "collapsed_loss_floor"]
 
@@ -270,8 +271,10 @@ class _Indexed(Dataset[tuple[int, Any]]):
         return i, self.data[i]
 
 
-def _voxel_mask(mask: Any, volume: torch.Tensor, patch_size: PatchSize) -> torch.Tensor:
-    """Turn a generator's output into a ``(B, C, D, H, W)`` bool voxel mask."""
+def _as_mask(
+    mask: Any, volume: torch.Tensor, patch_size: PatchSize
+) -> tuple[torch.Tensor, tuple[int, int, int] | None]:
+    """A generator's output as ``(B, C, N)`` tokens with their patch, or ``(B, C, D, H, W)``."""
     B, C = volume.shape[:2]
     spatial = tuple(volume.shape[2:])
     if not isinstance(mask, torch.Tensor):
@@ -280,8 +283,7 @@ def _voxel_mask(mask: Any, volume: torch.Tensor, patch_size: PatchSize) -> torch
         raise TypeError(f"mask_generator must return a bool mask (True = masked), got {mask.dtype}")
     mask = mask.to(volume.device)
     if tuple(mask.shape) == tuple(volume.shape):
-        voxels: torch.Tensor = mask
-        return voxels
+        return mask, None
     if mask.ndim in (2, 3) and mask.shape[0] == B:
         if patch_size is None:
             raise ValueError(
@@ -294,13 +296,30 @@ def _voxel_mask(mask: Any, volume: torch.Tensor, patch_size: PatchSize) -> torch
         if mask.ndim == 2:  # per-position mask (B, N): every modality at once
             mask = mask[:, None, :].expand(B, C, mask.shape[1])
         if tuple(mask.shape) == (B, C, N):
-            patch_len = patch[0] * patch[1] * patch[2]
-            return unpatchify(mask[..., None].expand(B, C, N, patch_len), patch, spatial)
+            return mask, patch
     raise ValueError(
         f"mask_generator returned a mask of shape {tuple(mask.shape)} for a volume of shape "
         f"{tuple(volume.shape)}; expected a token mask (B, C, N) or (B, N) on the grid of "
         f"patch_size {patch_size!r}, or a voxel mask (B, C, D, H, W)"
     )
+
+
+def _to_voxels(
+    tokens: torch.Tensor, patch: tuple[int, int, int], spatial: Sequence[int]
+) -> torch.Tensor:
+    """``(B, C, N)`` per-token values to ``(B, C, D, H, W)``, each token's value on its patch."""
+    B, C = tokens.shape[:2]
+    (gd, gh, gw), (p0, p1, p2) = grid_size(tuple(spatial), patch), patch
+    per_patch = tokens.reshape(B, C, gd, 1, gh, 1, gw, 1).expand(B, C, gd, p0, gh, p1, gw, p2)
+    return per_patch.reshape(B, C, *spatial)
+
+
+def _token_sums(x: torch.Tensor, patch: tuple[int, int, int]) -> torch.Tensor:
+    """``(B, C, D, H, W)`` to ``(B, C, N)``: the sum over each token's patch, in float64."""
+    B, C = x.shape[:2]
+    (gd, gh, gw), (p0, p1, p2) = grid_size(tuple(x.shape[2:]), patch), patch
+    per_patch = x.reshape(B, C, gd, p0, gh, p1, gw, p2)
+    return per_patch.sum(dim=(3, 5, 7), dtype=torch.float64).reshape(B, C, gd * gh * gw)
 
 
 def _check_choice(value: Any, name: str, choices: tuple[str, ...]) -> None:
@@ -378,11 +397,12 @@ def collapsed_loss_floor(
     modalities it has: they are passed to ``mask_generator`` as ``available=``, and a missing
     modality is never a target.
 
-    Elementwise work runs in float32 (float64 input stays float64) and every sum is accumulated
-    in float64 on ``device`` (mask counts of ``constant="voxel"`` in float32, exact up to 2²⁴
-    volumes). Memory does not grow with the number of volumes: with ``constant="voxel"`` it is
-    about ``(12 + 12·num_draws/2)`` bytes per voxel of one ``(C, D, H, W)`` volume, plus a few
-    copies of one batch.
+    Elementwise work runs in float32 (float64 input stays float64): a batch is summed in that
+    dtype, then every sum is accumulated in float64 on ``device`` (mask counts of
+    ``constant="voxel"`` in float32, exact up to 2²⁴ volumes). Memory does not grow with the
+    number of volumes: with ``constant="voxel"`` it is about ``32 + 12·E`` bytes per voxel of
+    one ``(C, D, H, W)`` volume (``E = num_draws − num_draws // 2`` evaluation draws; ``32 +
+    8·E`` with token masks), plus a few copies of one batch.
 
     Args:
         data: a float tensor ``(M, C, D, H, W)`` or ``(C, D, H, W)``; a map-style Dataset
@@ -556,11 +576,19 @@ class CollapseFloorMeter:
     def reset(self) -> None:
         """Forget every volume seen."""
         self._shape: tuple[int, ...] | None = None
+        self._e0_patch: tuple[int, int, int] | None = None
         self._sums: dict[str, torch.Tensor] = {}
         self.num_volumes = 0
 
-    def _allocate(self, shape: tuple[int, ...], dtype: torch.dtype) -> None:
-        """Sums per constant (``(C, D, H, W)`` or ``(C,)``); the evaluation draws' per draw."""
+    def _allocate(
+        self, shape: tuple[int, ...], dtype: torch.dtype, e0_patch: tuple[int, int, int] | None
+    ) -> None:
+        """Sums per constant (``(C, D, H, W)`` or ``(C,)``); the evaluation draws' per draw.
+
+        With one constant per voxel and token masks, the evaluation draws' mask counts are
+        kept per token (``(E, C, N)``, ``e0_patch`` set): the loss needs them only against
+        per-voxel weights summed over each token's patch.
+        """
         C = shape[0]
         per = tuple(shape) if self.constant == "voxel" else (C,)
         count = torch.float32 if self.constant == "voxel" else torch.float64
@@ -579,43 +607,51 @@ class CollapseFloorMeter:
             "fit_masked": torch.zeros(self.fit_draws, dtype=f64, device=dev),
             "volumes": torch.zeros(C, dtype=f64, device=dev),  # volumes per modality
         }
+        self._e0_patch = e0_patch if self.constant == "voxel" else None
+        if self._e0_patch is not None:
+            N = math.prod(grid_size(tuple(shape[1:]), self._e0_patch))
+            self._sums["e0"] = torch.zeros((E, C, N), dtype=count, device=dev)
         self._shape = tuple(shape)
+
+    def _e0_to_voxels(self) -> None:
+        """Keep the evaluation draws' mask counts per voxel from now on."""
+        if self._e0_patch is not None and self._shape is not None:
+            tokens = self._sums["e0"]
+            self._sums["e0"] = _to_voxels(tokens, self._e0_patch, self._shape[1:]).clone()
+            self._e0_patch = None
 
     def _masks(
         self, x: torch.Tensor, available: torch.Tensor | None, index: torch.Tensor | None
-    ) -> list[torch.Tensor]:
-        """``num_draws`` voxel masks ``(B, C, D, H, W)`` bool, True = masked and present."""
+    ) -> list[tuple[torch.Tensor, tuple[int, int, int] | None]]:
+        """``num_draws`` masks, token ``(B, C, N)`` with their patch or voxel, True = masked."""
         extra = {} if available is None else {"available": available}
         grid_patch = self.patch_size
         if grid_patch is None:  # BlockMask-like: tokens are the generator's own blocks
             grid_patch = getattr(self.mask_generator, "block_size", None)
-        draws: list[list[Any]] = []
-        if self.seed is not None and index is not None:
-            for b, i in enumerate(index.tolist()):
-                g = torch.Generator(device=x.device).manual_seed(_seed_for(self.seed, int(i)))
-                one = x[b : b + 1]
-                kw = {} if available is None else {"available": available[b : b + 1]}
-                draws.append(
-                    [
-                        _voxel_mask(self.mask_generator(one, self.patch_size, generator=g, **kw),
-                                    one, grid_patch)
-                        for _ in range(self.num_draws)
-                    ]
-                )  # fmt: skip
-            masks = [torch.cat([d[r] for d in draws]) for r in range(self.num_draws)]
-        else:
-            masks = [
-                _voxel_mask(
+        if self.seed is None or index is None:
+            return [
+                _as_mask(
                     self.mask_generator(x, self.patch_size, generator=self.generator, **extra),
                     x,
                     grid_patch,
                 )
                 for _ in range(self.num_draws)
             ]
-        if available is not None:  # a missing modality is never a target
-            present = available[:, :, None, None, None]
-            masks = [m & present for m in masks]
-        return masks
+        draws: list[list[tuple[torch.Tensor, tuple[int, int, int] | None]]] = []
+        for b, i in enumerate(index.tolist()):
+            g = torch.Generator(device=x.device).manual_seed(_seed_for(self.seed, int(i)))
+            one = x[b : b + 1]
+            kw = {} if available is None else {"available": available[b : b + 1]}
+            draws.append(
+                [
+                    _as_mask(self.mask_generator(one, self.patch_size, generator=g, **kw), one,
+                             grid_patch)
+                    for _ in range(self.num_draws)
+                ]
+            )  # fmt: skip
+        return [
+            (torch.cat([d[r][0] for d in draws]), draws[0][r][1]) for r in range(self.num_draws)
+        ]
 
     def update(
         self,
@@ -645,45 +681,90 @@ class CollapseFloorMeter:
             avail = check_available(given, B, C, self.device)
         idx = _as_index(index, B, "update")
         dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-        if self._shape is None:
-            self._allocate(tuple(x.shape[1:]), dtype)
-        else:
+        if self._shape is not None:
             _check_shape(x, self._shape, self.constant)
-        sums = self._sums
         masks = self._masks(x, avail, idx)
+        if self._shape is None:
+            self._allocate(tuple(x.shape[1:]), dtype, masks[-1][1])
+        sums = self._sums
         f64 = torch.float64
         count = sums["s0"].dtype
-        dims: tuple[int, ...] = (0,) if self.constant == "voxel" else (0, 2, 3, 4)
+        voxel = self.constant == "voxel"
+        dims: tuple[int, ...] = (0,) if voxel else (0, 2, 3, 4)
+        spatial_shape = tuple(x.shape[2:])
+        spatial = x[0, 0].numel()
         xf = x.to(dtype)
         present = torch.ones(B, C, dtype=torch.bool, device=self.device) if avail is None else avail
+        present5 = present[:, :, None, None, None]
         if avail is not None:
-            xf = torch.where(present[:, :, None, None, None], xf, 0.0)
+            xf = torch.where(present5, xf, 0.0)
         if self.num_volumes == 0:  # any reference value; it keeps s2 - s1²/s0 accurate
             n_first = present.sum(dim=0).clamp(min=1).to(dtype)
             mean = xf.sum(dim=dims, dtype=dtype)
-            per_constant = 1 if self.constant == "voxel" else x[0, 0].numel()
-            mean = mean / (n_first * per_constant).view(-1, *([1] * (mean.ndim - 1)))
+            mean = mean / (n_first * (1 if voxel else spatial)).view(-1, *([1] * (mean.ndim - 1)))
             sums["shift"].copy_(mean)
-        shift = sums["shift"] if self.constant == "voxel" else sums["shift"].view(-1, 1, 1, 1)
+        shift = sums["shift"] if voxel else sums["shift"].view(-1, 1, 1, 1)
         xc = xf - shift
-        spatial = x[0, 0].numel()
-        for r, m in enumerate(masks):
-            xm = torch.where(m, xc, 0.0)
-            s0 = m.sum(dim=dims, dtype=count)
-            s1 = xm.sum(dim=dims, dtype=f64)
-            if r < self.fit_draws:
-                sums["s0"] += s0
-                sums["s1"] += s1
-                sums["s2"] += (xm * xc).sum(dim=dims, dtype=f64)
-                sums["fit_masked"][r] += s0.sum(dtype=f64)
+
+        def add(acc: torch.Tensor, t: torch.Tensor) -> None:
+            # per-constant sums over the batch (and space for constant="modality"); with one
+            # constant per voxel the batch is summed in the elementwise dtype, then added to
+            # the float64 sums in place, without a float64 copy
+            if not voxel:
+                acc += t.sum(dim=dims, dtype=acc.dtype)
             else:
-                e = r - self.fit_draws
-                sums["e0"][e] += s0
-                sums["e1"][e] += s1
-                sums["e2"][e] += (xm * xc).sum(dim=(0, 2, 3, 4), dtype=f64)
+                acc += t[0] if t.shape[0] == 1 else t.sum(dim=0)
+
+        def voxels_of(mask: torch.Tensor, patch: tuple[int, int, int] | None) -> torch.Tensor:
+            return mask if patch is None else _to_voxels(mask, patch, spatial_shape)
+
+        # Fit draws: Σ_r m_r x = k x, with k the number of fit draws masking the voxel, so
+        # one pass over the voxels serves them all (E-MIM eq. 3 needs only these sums)
+        fit = masks[: self.fit_draws]
+        patches = {p for _, p in fit}
+        if len(patches) == 1 and None not in patches:
+            patch = fit[0][1]
+            assert patch is not None
+            k_tok = torch.stack([m for m, _ in fit]).sum(dim=0, dtype=dtype)
+            k = _to_voxels(k_tok, patch, spatial_shape)
+            per_token = float(math.prod(patch))
+            for r, (m, _) in enumerate(fit):
+                sums["fit_masked"][r] += (m & present[:, :, None]).sum(dtype=f64) * per_token
+        else:
+            k = torch.zeros_like(xc)
+            for r, (m, p) in enumerate(fit):
+                mv = voxels_of(m, p) & present5
+                k += mv
+                sums["fit_masked"][r] += mv.sum(dtype=f64)
+        if avail is not None:
+            k = k * present5
+        kx = k * xc
+        add(sums["s0"], k if voxel else k.to(count))
+        add(sums["s1"], kx)
+        add(sums["s2"], kx * xc)
+        # Evaluation draws: each keeps its own sums for the held-out loss
+        x2_tokens: dict[tuple[int, int, int], torch.Tensor] = {}
+        for e, (m, patch) in enumerate(masks[self.fit_draws :]):
+            mv = voxels_of(m, patch)
+            if avail is not None:
+                mv = mv & present5
+            if voxel and patch is not None and patch == self._e0_patch:
+                tok = m if avail is None else m & present[:, :, None]
+                sums["e0"][e] += tok.sum(dim=0, dtype=count)
+            else:
+                self._e0_to_voxels()
+                add(sums["e0"][e], mv if voxel else mv.to(dtype))
+            add(sums["e1"][e], torch.where(mv, xc, 0.0))
+            if patch is not None:  # Σ m x² from per-token sums of x²
+                if patch not in x2_tokens:
+                    x2_tokens[patch] = _token_sums(xc * xc, patch)
+                tok = m if avail is None else m & present[:, :, None]
+                sums["e2"][e] += (tok * x2_tokens[patch]).sum(dim=(0, 2))
+            else:
+                sums["e2"][e] += torch.where(mv, xc * xc, 0.0).sum(dim=(0, 2, 3, 4), dtype=f64)
         per_volume = present.sum(dim=0).to(f64)
-        sums["x_sum"] += xf.sum(dim=dims, dtype=f64)
-        sums["n"] += per_volume * (1 if self.constant == "voxel" else spatial)
+        add(sums["x_sum"], xf)
+        sums["n"] += per_volume * (1 if voxel else spatial)
         sums["voxels"] += per_volume * spatial
         sums["volumes"] += per_volume
         self.num_volumes += B
@@ -737,8 +818,14 @@ class CollapseFloorMeter:
             dims = (1, 2, 3)
             f64 = torch.float64
             cross = torch.stack([(e1 * d).sum(dim=dims) for e1 in s["e1"]])
-            quad = torch.stack([(e0.to(f64) * weight).sum(dim=dims) for e0 in s["e0"]])
-            masked = torch.stack([e0.sum(dim=dims, dtype=f64) for e0 in s["e0"]])
+            if self._e0_patch is not None:  # counts per token, weights summed per token
+                w_tok = _token_sums(weight[None], self._e0_patch)[0]
+                e0 = s["e0"].to(f64)
+                quad = (e0 * w_tok).sum(dim=2)
+                masked = e0.sum(dim=2) * math.prod(self._e0_patch)
+            else:
+                quad = torch.stack([(e0.to(f64) * weight).sum(dim=dims) for e0 in s["e0"]])
+                masked = torch.stack([e0.sum(dim=dims, dtype=f64) for e0 in s["e0"]])
         else:
             cross, quad, masked = s["e1"] * d, s["e0"] * weight, s["e0"].clone()
         rss = reduce(s["e2"] - 2 * cross + quad)
@@ -750,11 +837,13 @@ class CollapseFloorMeter:
         return _summarise(rss, masked, voxels, s["volumes"], self, volumes)
 
     def _agree_on_shape(self) -> None:
+        mine = None if self._shape is None else (self._shape, self._e0_patch)
         shapes: list[Any] = [None] * _world_size()
-        dist.all_gather_object(shapes, self._shape)
-        known = [tuple(sh) for sh in shapes if sh is not None]
+        dist.all_gather_object(shapes, mine)
+        known = [tuple(sh[0]) for sh in shapes if sh is not None]
         if not known:
             return
+        forms = {sh[1] for sh in shapes if sh is not None}
         first = known[0]
         for sh in known:
             if sh[0] != first[0] or (self.constant == "voxel" and sh != first):
@@ -763,7 +852,9 @@ class CollapseFloorMeter:
                     "every volume must have the same shape (C, D, H, W) with constant='voxel'"
                 )
         if self._shape is None:  # this process saw no volume: zeros of the agreed shape
-            self._allocate(first, torch.float32)
+            self._allocate(first, torch.float32, next(iter(forms)))
+        if len(forms) > 1:  # the processes kept mask counts differently: per voxel for all
+            self._e0_to_voxels()
 
     def _total_volumes(self) -> int:
         total = torch.tensor([float(self.num_volumes)], dtype=torch.float64, device=self.device)
