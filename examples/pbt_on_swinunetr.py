@@ -47,7 +47,7 @@ def main() -> None:
 
     size, feature_size, depths, window, batch, steps = (64, 64, 64), 24, (2, 2, 2, 2), 7, 2, 5
     if args.quick:
-        size, feature_size, depths, window, batch, steps = (32, 32, 64), 12, (1, 1, 1, 1), 4, 2, 2
+        size, feature_size, depths, window, batch, steps = (32, 32, 64), 12, (1, 1, 1, 1), 4, 2, 1
     steps = args.steps or steps
     modalities, classes = 4, 3
     g = torch.Generator().manual_seed(args.seed)

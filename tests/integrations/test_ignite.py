@@ -149,3 +149,16 @@ def test_import_without_ignite_says_which_extra_to_install(monkeypatch):
     monkeypatch.delitem(sys.modules, "mrissl.integrations.ignite")
     with pytest.raises(ImportError, match=r'pip install "mrissl\[ignite\]"'):
         importlib.import_module("mrissl.integrations.ignite")
+
+
+def test_state_dict_round_trips_the_monitor():
+    net = _Net()
+    monitor = CollapseMonitor(dim=4, window=2, warn=False)
+    handler = EffectiveRankHandler(lambda engine: net.latest, monitor=monitor)
+    _trainer(net, [handler]).run()
+    fresh = CollapseMonitor(dim=4, window=2, warn=False)
+    restored = EffectiveRankHandler(lambda engine: net.latest, monitor=fresh)
+    restored.load_state_dict(handler.state_dict())
+    assert fresh.ranks == monitor.ranks
+    assert fresh.steps == monitor.steps == EPOCHS * STEPS
+    assert EffectiveRankHandler().state_dict() == {}

@@ -202,3 +202,17 @@ def test_ddp_two_processes_log_the_rank_of_the_global_epoch(tmp_path):
         assert logged["train/embeddings/rankme"][epoch] == pytest.approx(
             float(rankme(z, center=True)), 1e-9
         )
+
+
+def test_the_monitor_history_is_saved_in_checkpoints_and_restored(tmp_path):
+    monitor = CollapseMonitor(dim=4, window=2, warn=False)
+    trainer = _trainer(tmp_path, [EffectiveRankCallback("embeddings", monitor=monitor)])
+    trainer.fit(_Module(), _loader())
+    assert len(monitor.ranks) == 4  # 8 steps, windows of 2
+    trainer.save_checkpoint(tmp_path / "last.ckpt")
+    fresh = CollapseMonitor(dim=4, window=2, warn=False)
+    resumed = _trainer(tmp_path, [EffectiveRankCallback("embeddings", monitor=fresh)], epochs=3)
+    resumed.fit(_Module(), _loader(), ckpt_path=tmp_path / "last.ckpt")
+    assert fresh.ranks[:4] == monitor.ranks
+    assert len(fresh.ranks) == 6  # the third epoch added two windows
+    assert fresh.steps == 12

@@ -134,6 +134,15 @@ class RankTracker:
         for meter in self.meters.values():
             meter.reset()
 
+    def state_dict(self) -> dict[str, Any]:
+        """The monitor's windows and history (the meters restart every epoch)."""
+        return {} if self.monitor is None else {"monitor": self.monitor.state_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what ``state_dict`` saved."""
+        if self.monitor is not None and "monitor" in state:
+            self.monitor.load_state_dict(state["monitor"])
+
     def status_reason(self) -> str | None:
         """The monitor's last verdict, in words."""
         return None if self.monitor is None else self.monitor.status.reason

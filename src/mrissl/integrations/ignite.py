@@ -135,6 +135,14 @@ class EffectiveRankHandler:
             monitor_on=monitor_on,
         )
 
+    def state_dict(self) -> dict[str, Any]:
+        """The monitor's windows and history (for Ignite's ``Checkpoint``)."""
+        return self.tracker.state_dict()
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore the monitor."""
+        self.tracker.load_state_dict(state_dict)
+
     def attach(self, engine: Engine) -> None:
         """Register the handler's three events on ``engine`` (MONAI calls this for its handlers)."""
         engine.add_event_handler(Events.EPOCH_STARTED, self.epoch_started)

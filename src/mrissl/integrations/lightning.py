@@ -59,6 +59,9 @@ class EffectiveRankCallback(Callback):
         monitor_on: the features the monitor watches, when ``features`` gives several.
         prog_bar: also show the values in the progress bar.
 
+    The monitor's windows and history are saved in Lightning checkpoints and restored on
+    resume; the meters start over every epoch.
+
     Raises:
         ValueError: for an unknown ``stage``; at the first batch, for features that cannot be
             found.
@@ -154,6 +157,14 @@ class EffectiveRankCallback(Callback):
         pl_module.log_dict(
             values, on_step=False, on_epoch=True, sync_dist=False, prog_bar=self.prog_bar
         )
+
+    def state_dict(self) -> dict[str, Any]:
+        """The monitor's windows and history, saved in Lightning checkpoints."""
+        return self.tracker.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the monitor from a checkpoint."""
+        self.tracker.load_state_dict(state_dict)
 
     def on_train_batch_end(  # noqa: D102
         self,
