@@ -1,7 +1,9 @@
 """Add E-MIM's pyramid Barlow Twins loss to MONAI's MaskedAutoEncoderViT.
 
-The MAE keeps its own forward pass and reconstruction loss; the pyramid Barlow Twins (PBT) term
-is added on top, as E-MIM's eq. 10 does (``L = L_MIM + L_PBT``):
+The MAE keeps its own forward pass and reconstruction loss (a mean over the masked voxels); the
+pyramid Barlow Twins (PBT) term is added on top, as E-MIM's eq. 10 does (``L = L_MIM + L_PBT``),
+with its default ``reduction="mean"`` (each level a mean over its ``K × K`` entries), so that
+both terms are of the same order (each step prints them):
 
 1. The masked view is MONAI's usual forward pass. Its random token choice is replaced by keep
    indices drawn here with a ``torch.Generator`` (MONAI draws them inside ``forward`` with the
@@ -87,7 +89,7 @@ def main() -> None:
         masking_ratio=mask_ratio,
     )
     levels = pyramid_levels(depth, 4)
-    pbt = PyramidBarlowTwinsLoss(levels)  # token mode, off-diagonal weight 1 (E-MIM eq. 8)
+    pbt = PyramidBarlowTwinsLoss(levels)  # token mode, eq. 8 weights, mean over K × K entries
     optimizer = torch.optim.AdamW(mae.parameters(), lr=1e-4)
     n_tokens = (size // patch) ** 3
     n_keep = int(n_tokens * (1 - mask_ratio))

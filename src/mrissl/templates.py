@@ -897,12 +897,21 @@ class TemplateMix(nn.Module):
 
         L_FT = L_sl(F(X'), Y) + L_sl(F(X''), Y) + λ_cons · ‖F_enc(X') − F_enc(X'')‖₂
 
-    Each copy draws its count uniformly from ``min_replaced … min(max_replaced, A − 1)``, where
-    ``A`` is the number of **present** modalities of the case, so at least one real modality
-    always stays; missing modalities are never replaced and never counted. A case with one
-    present modality (a single-modality dataset, or the others missing) instead gets the
-    supplement's single-modality variant: ``block_mask`` blocks of its volume are filled from
-    its template, drawn independently for the two copies.
+    The counts come from ``min_replaced … min(max_replaced, A − 1)``, where ``A`` is the number
+    of **present** modalities of the case, so at least one real modality always stays; missing
+    modalities are never replaced and never counted. The supplement makes the two copies with
+    *different* numbers of replaced modalities, and so does ``counts="different"`` (default):
+    the pair of counts is uniform over the ordered pairs of distinct counts in the range, the
+    modalities of each copy are then chosen independently. When the range holds one count
+    only (two present modalities with ``min_replaced=1``: replace exactly one), the copies
+    replace the same number of *different* modalities, so they are never identical (with
+    ``min_replaced=0`` two modalities give the counts 0 and 1 instead).
+    ``counts="independent"`` draws each copy's count and modalities on its own (the copies
+    then share a count, or are identical, by chance: for ``C = 4``, equal counts a third of
+    the time and identical copies 7.4 %, where the consistency term is exactly 0). A case
+    with one present modality (a single-modality dataset, or the others missing) instead gets
+    the supplement's single-modality variant: ``block_mask`` blocks of its volume are filled
+    from its template, drawn independently for the two copies.
 
     Each copy is the whole input with its own replacements: ``(B, C, d, h, w)`` like the input.
     (The released code built the two copies by interleaving channels; here they are separate
@@ -921,9 +930,11 @@ class TemplateMix(nn.Module):
         block_mask: the [`BlockMask`][mrissl.masking.BlockMask] of the single-modality
             variant (BrainMVP's r = 8, p* = 0.875 by default); ``None`` leaves such cases
             unchanged.
+        counts: ``"different"`` (BrainMVP supplement A: the two copies replace different
+            numbers of modalities) or ``"independent"`` (each copy draws its own count).
 
     Raises:
-        ValueError: for a modality without template, bad counts.
+        ValueError: for a modality without template, bad counts or ``counts``.
 
     Examples:
         >>> templates = ModalityTemplates(["t1", "t1ce", "t2", "flair"], 32, init=-1.0)
@@ -932,12 +943,14 @@ class TemplateMix(nn.Module):
         >>> views = mix(x, generator=torch.Generator().manual_seed(0))
         >>> views.view1.shape, views.replaced1.sum(dim=1).tolist()  # 1 to 3 of 4 replaced
         (torch.Size([3, 4, 16, 16, 16]), [2, 3, 1])
+        >>> views.replaced2.sum(dim=1).tolist()  # a different count in the other copy
+        [3, 1, 3]
         >>> bool((views.view1[views.replaced1] == -1).all())
         True
-        >>> available = torch.tensor([[True, False, True, False]] * 3)  # t1ce, flair missing
-        >>> g = torch.Generator().manual_seed(1)
-        >>> mix(x, available=available, generator=g).replaced2.tolist()  # one of the two present
-        [[True, False, False, False], [True, False, False, False], [False, False, True, False]]
+        >>> available = torch.tensor([[True, False, True, False]] * 2)  # t1ce, flair missing
+        >>> two = mix(x[:2], available=available, generator=torch.Generator().manual_seed(1))
+        >>> two.replaced1[:, [0, 2]].tolist(), two.replaced2[:, [0, 2]].tolist()  # t1, t2
+        ([[True, False], [True, False]], [[False, True], [False, True]])
     """
 
     ids: torch.Tensor
@@ -950,8 +963,12 @@ class TemplateMix(nn.Module):
         max_replaced: int | None = None,
         min_replaced: int = 1,
         block_mask: BlockMask | None = None,
+        counts: Literal["different", "independent"] = "different",
     ) -> None:
         super().__init__()
+        if counts not in ("different", "independent"):
+            raise ValueError(f"counts must be 'different' or 'independent', got {counts!r}")
+        self.counts = counts
         if not isinstance(templates, ModalityTemplates):
             raise TypeError(
                 f"templates must be a ModalityTemplates, got {type(templates).__name__}"
@@ -1016,8 +1033,9 @@ class TemplateMix(nn.Module):
         blocks_needed = C == 1 or avail is not None
         present = avail if avail is not None else torch.ones(B, C, dtype=torch.bool, device=device)
         out: list[Any] = []
-        for _ in range(2):  # the two copies X', X'' (not a loop over samples)
-            replaced = self._choose(present, generator)
+        pair = self._choose_pair(present, generator) if self.counts == "different" else None
+        for copy in range(2):  # the two copies X', X'' (not a loop over samples)
+            replaced = self._choose(present, generator) if pair is None else pair[copy]
             mask = replaced[:, :, None, None, None]
             blocks = None
             if blocks_needed:
@@ -1030,12 +1048,37 @@ class TemplateMix(nn.Module):
             out += [torch.where(mask, crops, volume), replaced, blocks]
         return TemplateMixViews(out[0], out[3], out[1], out[4], out[2], out[5])
 
+    def _range(self, present: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B,)`` fewest and most modalities one copy may replace, ``lo ≤ hi``."""
+        A = present.sum(dim=1)
+        hi = A - 1 if self.max_replaced is None else (A - 1).clamp(max=self.max_replaced)
+        return torch.full_like(hi, self.min_replaced).clamp(max=hi), hi
+
+    def _choose_pair(
+        self, present: torch.Tensor, generator: torch.Generator | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both copies' ``(B, C)`` choices, with different counts wherever the range allows."""
+        B, C = present.shape
+        lo, hi = self._range(present)
+        n = (hi - lo + 1).clamp(min=1)  # counts available per case
+        u = torch.rand(2, B, generator=generator, device=present.device)
+        k1 = lo + (u[0] * n).long().clamp(max=n - 1)
+        # the other copy: uniform over the n − 1 other counts (the same count when n = 1)
+        step = 1 + (u[1] * (n - 1)).long().clamp(max=(n - 2).clamp(min=0))
+        k2 = torch.where(n >= 2, lo + (k1 - lo + step) % n, k1)
+        k1, k2 = torch.where(hi >= 1, k1, 0), torch.where(hi >= 1, k2, 0)
+        s1, fresh = torch.rand(2, B, C, generator=generator, device=present.device)
+        # one count only: the second copy takes the last k by the first copy's scores, a
+        # different set of modalities (k ≤ A − 1 < A)
+        s2 = torch.where((n == 1)[:, None], 1.0 - s1, fresh)
+        rank1 = s1.masked_fill(~present, 2.0).argsort(dim=1).argsort(dim=1)
+        rank2 = s2.masked_fill(~present, 2.0).argsort(dim=1).argsort(dim=1)
+        return (rank1 < k1[:, None]) & present, (rank2 < k2[:, None]) & present
+
     def _choose(self, present: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         """``(B, C)`` bool: ``k`` random present modalities per case, ``k`` uniform in range."""
         B, C = present.shape
-        A = present.sum(dim=1)
-        hi = A - 1 if self.max_replaced is None else (A - 1).clamp(max=self.max_replaced)
-        lo = torch.full_like(hi, self.min_replaced).clamp(max=hi)
+        lo, hi = self._range(present)
         u = torch.rand(B, generator=generator, device=present.device)
         k = torch.where(hi >= 1, lo + (u * (hi - lo + 1)).long().clamp(max=hi - lo), 0)
         # rank of a uniform score among the present modalities; missing ones rank last
@@ -1048,7 +1091,7 @@ class TemplateMix(nn.Module):
         """Channels and counts, for ``print(module)``."""
         return (
             f"modalities={list(self.modalities)}, min_replaced={self.min_replaced}, "
-            f"max_replaced={self.max_replaced}"
+            f"max_replaced={self.max_replaced}, counts={self.counts!r}"
         )
 
 

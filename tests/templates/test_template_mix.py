@@ -146,3 +146,69 @@ def test_monai_transform_makes_two_copies():
         "image", _templates(), MODS, available_key="avail", offset_key="offset"
     ).set_random_state(0)(data)
     assert torch.equal(again["image_view2"], out["image_view2"])
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    present=st.lists(st.lists(st.booleans(), min_size=4, max_size=4), min_size=1, max_size=6),
+    seed=st.integers(0, 2**16),
+    min_replaced=st.integers(0, 2),
+    max_replaced=st.one_of(st.none(), st.integers(2, 3)),
+)
+def test_copies_never_share_a_count_when_three_modalities_are_present(
+    present, seed, min_replaced, max_replaced
+):
+    """BrainMVP supplement A: the two copies replace different numbers of modalities."""
+    available = torch.tensor(present)
+    available[available.sum(dim=1) == 0, 0] = True
+    mix = TemplateMix(_templates(), MODS, min_replaced=min_replaced, max_replaced=max_replaced)
+    x = torch.rand(len(present), 4, 8, 8, 8)
+    views = mix(x, available=available, generator=torch.Generator().manual_seed(seed))
+    k1, k2 = views.replaced1.sum(dim=1), views.replaced2.sum(dim=1)
+    for b in range(len(present)):
+        A = int(available[b].sum())
+        hi = A - 1 if max_replaced is None else min(A - 1, max_replaced)
+        lo = min(min_replaced, hi)
+        assert lo <= int(k1[b]) <= hi
+        assert lo <= int(k2[b]) <= hi
+        if hi > lo:  # at least two counts possible (A >= 3 with the defaults)
+            assert int(k1[b]) != int(k2[b])
+        elif A >= 2:  # one count: the same number of different modalities
+            assert not torch.equal(views.replaced1[b], views.replaced2[b])
+
+
+def test_two_modalities_replace_one_each_and_never_the_same_one(gen):
+    mix = TemplateMix(_templates(C=2), MODS[:2])
+    views = mix(torch.rand(64, 2, 8, 8, 8, generator=gen), generator=gen)
+    assert views.replaced1.sum(dim=1).tolist() == [1] * 64
+    assert bool((views.replaced1 ^ views.replaced2).all())  # complementary
+    literal = TemplateMix(_templates(C=2), MODS[:2], min_replaced=0)(
+        torch.rand(64, 2, 8, 8, 8, generator=gen), generator=gen
+    )
+    counts = set(
+        zip(literal.replaced1.sum(1).tolist(), literal.replaced2.sum(1).tolist(), strict=True)
+    )
+    assert counts == {(0, 1), (1, 0)}
+
+
+def test_count_pairs_are_uniform_over_distinct_pairs(gen):
+    mix = TemplateMix(_templates(), MODS)  # counts 1..3: six ordered distinct pairs
+    views = mix(torch.rand(6000, 4, 4, 4, 4, generator=gen), generator=gen)
+    pairs = views.replaced1.sum(1) * 4 + views.replaced2.sum(1)
+    freq = torch.bincount(pairs, minlength=16).double() / 6000
+    for a in range(1, 4):
+        for b in range(1, 4):
+            want = 0.0 if a == b else 1 / 6
+            assert freq[a * 4 + b].item() == pytest.approx(want, abs=0.02)
+
+
+def test_independent_counts_keep_the_old_draw(gen):
+    mix = TemplateMix(_templates(), MODS, counts="independent")
+    views = mix(torch.rand(6000, 4, 4, 4, 4, generator=gen), generator=gen)
+    same = (views.replaced1.sum(1) == views.replaced2.sum(1)).double().mean().item()
+    identical = (views.replaced1 == views.replaced2).all(dim=1).double().mean().item()
+    # counts uniform on 1..3: equal 1/3 of the time; identical: Σ_k (1/3)² / C(4, k) = 0.074
+    assert same == pytest.approx(1 / 3, abs=0.02)
+    assert identical == pytest.approx((1 / 4 + 1 / 6 + 1 / 4) / 9, abs=0.01)
+    with pytest.raises(ValueError, match="counts must be"):
+        TemplateMix(_templates(), MODS, counts="same")

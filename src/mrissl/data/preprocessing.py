@@ -2,11 +2,13 @@
 
 BrainMVP (supplement B) prepares every pretraining case the same way: reorient to RAS, resample
 to 1 mm isotropic voxels with bilinear interpolation, clip intensities at the 1st and 99th
-percentiles and rescale them to [0, 1], then cut 96³ crops. Its downstream tasks use the 5th
-and 95th percentiles and crop the foreground first. [`preprocessing`][mrissl.data.preprocessing]
-builds that pipeline from stock MONAI transforms, one argument per step with the papers' value
-as default, and [`LoadCased`][mrissl.data.LoadCased] puts [`load_case`][mrissl.data.load_case]
-(with its checks) in front of it.
+percentiles and rescale them to [0, 1], then cut 96³ crops. Its downstream tasks (supplement,
+implementation details) use the 5th and 95th percentiles and crop the foreground first.
+[`preprocessing`][mrissl.data.preprocessing] builds that pipeline from stock MONAI transforms,
+one argument per step, and [`LoadCased`][mrissl.data.LoadCased] puts
+[`load_case`][mrissl.data.load_case] (with its checks) in front of it. The defaults mix the two
+recipes: the percentiles are the pretraining ones, the foreground crop is the downstream one
+(the function's docstring says which default comes from where).
 """
 
 from __future__ import annotations
@@ -259,24 +261,31 @@ def preprocessing(
 ) -> Compose:
     """Build the papers' preprocessing pipeline as a MONAI ``Compose`` of dictionary transforms.
 
-    The steps, in order (each can be switched off with ``None`` or ``False``):
+    The steps, in order (each can be switched off with ``None`` or ``False``). Each default
+    names the BrainMVP recipe it comes from; they are not all from the same one:
+
+    * pretraining (supplement B): ``preprocessing(percentiles=(1, 99), crop_foreground=False)``;
+    * downstream (supplement, implementation details):
+      ``preprocessing(percentiles=(5, 95), crop_foreground=True)``.
 
     1. ``load``: [`LoadCased`][mrissl.data.LoadCased], from a mapping modality → NIfTI path
        to a ``(C, D, H, W)`` ``MetaTensor`` (off by default: the input may already be one).
-    2. ``orientation``: ``Orientationd`` to these axis codes (BrainMVP: RAS).
+    2. ``orientation``: ``Orientationd`` to these axis codes (both recipes: RAS).
     3. ``spacing``: ``Spacingd`` to this voxel size in mm with ``interpolation``
-       (BrainMVP: 1 mm isotropic, bilinear).
+       (both recipes: 1 mm isotropic, bilinear).
     4. ``percentiles``: per channel, clip at the lower and upper percentiles of all voxels
-       and map them to 0 and 1 (BrainMVP: 1 and 99 for pretraining, 5 and 95 for downstream
-       tasks). The result equals MONAI's ``ScaleIntensityRangePercentilesd(lower, upper,
-       b_min=0, b_max=1, clip=True, channel_wise=True)``; both percentiles come from one
+       and map them to 0 and 1 (default ``(1, 99)``: the **pretraining** recipe; downstream
+       uses ``(5, 95)``). The result equals MONAI's ``ScaleIntensityRangePercentilesd(lower,
+       upper, b_min=0, b_max=1, clip=True, channel_wise=True)``; both percentiles come from one
        selection ([`percentile_pair`][mrissl.data.percentile_pair]) instead of two full sorts.
     5. ``crop_foreground``: ``CropForegroundd`` to the box of voxels above
-       ``foreground_threshold`` in any channel (BrainMVP's downstream recipe).
+       ``foreground_threshold`` in any channel (default on: the **downstream** recipe;
+       pretraining crops around foreground or background voxels instead).
     6. ``roi_size``: ``SpatialPadd`` with zeros up to ``roi_size`` where the volume is smaller,
        then a ``roi_size`` crop, random (``RandSpatialCropd``, for training) or centred
-       (``CenterSpatialCropd``, for evaluation). BrainMVP: 96³. The crop is copied out of the
-       uncropped volume, so that volume is freed once the pipeline returns.
+       (``CenterSpatialCropd``, for evaluation). Default 96³: the **pretraining** crop (the
+       downstream crop size is not legible in the supplement's text). The crop is copied out
+       of the uncropped volume, so that volume is freed once the pipeline returns.
 
     An error in any step (an unreadable file, two modalities on different grids) is raised
     as itself, naming the file, not wrapped in MONAI's ``RuntimeError("applying transform

@@ -370,9 +370,17 @@ def collapsed_loss_floor(
     and how the loss is averaged:
 
     * ``reduction="masked"`` (default): ``Var(x_m) = E[Σ m (x − c)²] / E[Σ m]``, the loss
-      averaged over masked voxels (``((pred - target) ** 2)[mask].mean()``).
-    * ``reduction="all"``: the loss averaged over all voxels with unmasked ones contributing 0
-      (E-MIM eq. 9), which is the ``"masked"`` floor times the masked fraction.
+      averaged over masked voxels (``((pred - target) ** 2)[mask].mean()``): the floor of a
+      model that ignores its input, scored on the masked voxels or, for masks that hide every
+      voxel equally often, on the whole image (E-MIM eq. 9) alike.
+    * ``reduction="all"``: the loss averaged over all voxels with unmasked ones contributing
+      0, which is the ``"masked"`` floor times the masked fraction: the eq. 9 loss of a model
+      that copies the visible voxels and outputs the constant at the masked ones.
+
+    For a mask that ignores the image and hides every voxel equally often, the default floor
+    is the same whatever the mask (an identity: the masking probability cancels); it depends
+    on the mask only through ``reduction="all"``, a masking probability that varies over the
+    voxels, or a mask that depends on the image.
 
     Estimation reads ``data`` once, whatever ``num_draws``: every volume gets ``num_draws``
     independent masks, and the sums below are kept per draw

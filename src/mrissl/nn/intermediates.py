@@ -38,6 +38,11 @@ def pyramid_levels(depth: int = 12, levels: int = 4) -> list[int]:
     paper's blocks 3, 6, 9 and 12. When ``levels`` does not divide ``depth`` the blocks are
     rounded up, so the last level is always the last block.
 
+    ``L = 1`` gives the last block (``12/L · l = 12``, eqs. 5-6). E-MIM's Table IV labels that
+    row "1 (input)" instead, which its equations do not define (the input has no token
+    features to correlate before the patch embedding); mrissl follows the equations. For a
+    level on the patch embedding's output, capture it yourself and pass it as one more level.
+
     Args:
         depth: number of transformer blocks in the encoder.
         levels: number of pyramid levels ``L``, at most ``depth``.
