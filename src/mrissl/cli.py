@@ -433,6 +433,8 @@ def _load_features(path: Path, key: str | None) -> torch.Tensor:
     try:
         if suffix in (".npy", ".npz"):
             loaded: Any = np.load(path, allow_pickle=False)
+            if key is not None and not hasattr(loaded, "files"):
+                raise CLIError(f"--key {key!r}: {str(path)!r} holds one array, not named ones")
             if suffix == ".npz":
                 names = list(loaded.files)
                 name = key or (names[0] if len(names) == 1 else None)
@@ -445,6 +447,8 @@ def _load_features(path: Path, key: str | None) -> torch.Tensor:
         raise
     except Exception as err:
         raise CLIError(f"cannot read features from {str(path)!r}: {_first_line(err)}") from None
+    if key is not None and not isinstance(loaded, dict):
+        raise CLIError(f"--key {key!r}: {str(path)!r} holds one array, not named ones")
     if isinstance(loaded, dict):
         tensors = {k: v for k, v in loaded.items() if isinstance(v, torch.Tensor)}
         name = key or (next(iter(tensors)) if len(tensors) == 1 else None)
