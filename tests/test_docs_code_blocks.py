@@ -4,7 +4,9 @@
 * ``python`` blocks of ``docs/*.md`` are executed here, each in a fresh namespace and a
   temporary working directory (the README's blocks are run by ``tests/test_readme.py``). A
   block that is deliberately not runnable, such as an excerpt of the implementation shown for
-  reading, is preceded by ``<!-- not run: REASON -->``; keep those rare.
+  reading, is preceded by ``<!-- not run: REASON -->``; keep those rare. A block that only
+  includes part of an example (``--8<-- "examples/x.py:section"``) is checked to point at an
+  existing section; the example itself runs in the ``examples`` session of the noxfile.
 * ``bash`` blocks: every ``mrissl ...`` command is parsed by the command's own argument parser
   (so a renamed option fails here), and every extra named in a ``pip install`` line exists in
   ``pyproject.toml``. The README's two command lines are run verbatim by ``.ci/run``.
@@ -61,6 +63,14 @@ def _missing_optional(err: ImportError) -> str | None:
 def test_python_block_runs(page, line, body, reason, tmp_path, monkeypatch):
     if reason is not None:
         pytest.skip(f"marked not run: {reason}")
+    lines = [line.strip() for line in body.splitlines() if line.strip()]
+    if lines and all(line.startswith("--8<--") for line in lines):
+        for line in lines:
+            target = line.split('"')[1]
+            file, _, section = target.partition(":")
+            text = (ROOT / file).read_text(encoding="utf-8")
+            assert not section or f"--8<-- [start:{section}]" in text, f"{target} not found"
+        pytest.skip("an excerpt of an example, which the examples session runs")
     monkeypatch.chdir(tmp_path)
     code = compile(body, f"{page}:{line}", "exec")
     try:
@@ -93,14 +103,20 @@ def _commands(body: str) -> list[str]:
 
 
 @pytest.mark.parametrize(("page", "line", "body", "reason"), _cases(PAGES, "bash"))
-def test_bash_block_commands_exist(page, line, body, reason):
+def test_bash_block_commands_exist(page, line, body, reason, tmp_path, monkeypatch):
     from mrissl.cli import _parser
 
+    # the parser checks that input files exist: the documented inputs exist here, empty
+    monkeypatch.chdir(tmp_path)
     extras = _extras()
     for command in _commands(body):
         for part in command.split("&&"):
             argv = shlex.split(part)
             if argv and argv[0] == "mrissl":
+                for arg in argv[1:]:
+                    if arg.endswith((".pt", ".pth", ".nii", ".nii.gz")):
+                        (tmp_path / arg).parent.mkdir(parents=True, exist_ok=True)
+                        (tmp_path / arg).touch()
                 code: object = 0
                 try:
                     _parser().parse_args(argv[1:])

@@ -206,12 +206,6 @@ def test_brainmvp_step_reads_nothing_on_the_host() -> None:
     _run_guarded(brainmvp_step(torch.device("cpu"), "mrissl"))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=HostSyncError,
-    reason="EffectiveRankMeter.update checks z for NaN on the host until the no-sync "
-    "diagnostics of issue 12 (helper 12a) are merged; remove this mark then",
-)
 def test_emim_step_reads_nothing_on_the_host() -> None:
     _run_guarded(emim_step(torch.device("cpu"), "mrissl"))
 
