@@ -634,7 +634,7 @@ def _parser() -> argparse.ArgumentParser:
         "--reduction",
         choices=("masked", "all"),
         default="masked",
-        help="loss averaged over masked voxels (default) or over all voxels (E-MIM eq. 9)",
+        help="masked: a model ignoring its input (default); all: one copying visible voxels",
     )
     cc.add_argument(
         "--reference-loss",
