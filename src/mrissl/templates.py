@@ -243,8 +243,10 @@ def crop_templates(
         ``(B, C, d, h, w)`` in the templates' dtype.
 
     Raises:
-        ValueError: for offsets outside the canvas (with ``padding="error"``), ids out of
-            range or mismatched shapes.
+        ValueError: for mismatched shapes; with the value checks on, for offsets outside the
+            canvas (``padding="error"``) or ids out of range.
+        RuntimeError: with the value checks off, for those offsets or ids
+            (``torch._assert_async``; a device-side assert on CUDA).
         TypeError: for non-integer ids or offsets.
 
     Examples:
@@ -253,7 +255,9 @@ def crop_templates(
         >>> crops = crop_templates(T, ids, torch.tensor([[0, 0, 0], [2, 2, 2]]), 2)
         >>> crops.shape, crops[0, 0, 0, 0].tolist(), crops[1, 0, 0, 0].tolist()
         (torch.Size([2, 1, 2, 2, 2]), [64.0, 65.0], [42.0, 43.0])
-        >>> crop_templates(T, ids, torch.tensor([3, 0, 0]), 2)
+        >>> import mrissl
+        >>> with mrissl.checks("values"):  # names the cases (reads the offsets on the host)
+        ...     crop_templates(T, ids, torch.tensor([3, 0, 0]), 2)
         Traceback (most recent call last):
             ...
         ValueError: offsets put crops of size (2, 2, 2) outside the template canvas (4, 4, 4) ...
@@ -326,7 +330,8 @@ def template_fill(
         ``(B, C, d, h, w)`` in the volume's dtype.
 
     Raises:
-        ValueError: for mismatched shapes, offsets outside the canvas, bad ids.
+        ValueError: for mismatched shapes; offsets outside the canvas or bad ids with the
+            value checks on (a ``RuntimeError`` without them, see ``crop_templates``).
         TypeError: for a non-floating volume or a non-bool mask.
 
     Examples:
@@ -553,8 +558,10 @@ class ModalityTemplates(nn.Module):
             ``(B, C, d, h, w)`` in the volume's dtype.
 
         Raises:
-            ValueError: for offsets outside the canvas (``padding="error"``), a crop that does
-                not fit the canvas, bad ids or names, mismatched shapes.
+            ValueError: for a crop that does not fit the canvas, bad names, mismatched shapes;
+                offsets outside the canvas (``padding="error"``) or bad ids with the value
+                checks on (a ``RuntimeError`` without them, see
+                [`crop_templates`][mrissl.templates.crop_templates]).
 
         Examples:
             >>> t = ModalityTemplates(["t1", "t2"], (8, 8, 8), init=2.0)

@@ -122,7 +122,7 @@ _pe_grid = _patch_embed(output_fmt="NDHWC", norm_layer=torch.nn.LayerNorm)
 _tm = {name: _templates(name) for name in ("none", "sigmoid", "minmax")}
 _tm_zeros = _templates(padding="zeros")
 _mix = TemplateMix(_templates(), NAMES, block_mask=BlockMask(4, 0.5))
-_mix_tensor_fill = torch.linspace(-1, 1, S**3).view(1, 1, S, S, S).requires_grad_()
+_fill_tensor = torch.linspace(-1, 1, S**3).view(1, 1, S, S, S).requires_grad_()
 
 
 def _pe_no_grad(x: torch.Tensor) -> torch.Tensor:
@@ -155,7 +155,7 @@ CASES: dict[str, Case] = {
     "apply_mask-constant": Case(lambda x, m: apply_mask(x, m, P, -1.5), _vol_mask),
     "apply_mask-mean": Case(lambda x, m: apply_mask(x, m, P, "mean"), _vol_mask),
     "apply_mask-noise": Case(lambda x, m: apply_mask(x, m, P, "noise"), _vol_mask),
-    "apply_mask-tensor": Case(lambda x, m: apply_mask(x, m, P, _mix_tensor_fill), _vol_mask),
+    "apply_mask-tensor": Case(lambda x, m: apply_mask(x, m, P, _fill_tensor), _vol_mask),
     "apply_mask-voxels": Case(lambda x, m: apply_mask(x, mask_to_voxels(m, P, S)), _vol_mask),
     "cross_modal_fill": Case(lambda x, m: cross_modal_fill(x, m, P), _vol_mask),
     "cross_modal_fill-available": Case(
@@ -214,7 +214,7 @@ def _run(fn: Callable[..., Any], inputs: tuple[torch.Tensor, ...], seed: int) ->
         p
         for p in [*_pe.parameters(), *_pe_per_mod.parameters(), *_pe_grid.parameters()]
         + [t.weight for t in (*_tm.values(), _tm_zeros)]
-        + [_mix_tensor_fill]
+        + [_fill_tensor]
     ]
     for leaf in leaves:
         leaf.grad = None

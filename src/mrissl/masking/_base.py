@@ -224,8 +224,9 @@ class MaskGenerator(ABC):
             ``(B, C, N)`` bool, True = masked.
 
         Raises:
-            ValueError: for a bad size, ``available`` of the wrong shape or with a case that
-                has no modality, a generator on another device type, or too few modalities.
+            ValueError: for a bad size, ``available`` of the wrong shape (or, with the value
+                checks on, with a case that has no modality), a generator on another device
+                type, or too few modalities.
         """
         B = _check_int(batch_size, "batch_size", 1)
         C = _check_int(num_modalities, "num_modalities", 1)

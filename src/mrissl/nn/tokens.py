@@ -38,7 +38,8 @@ def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
     Raises:
         TypeError: if ``index`` is not an int64 tensor.
-        ValueError: if the batch sizes differ, or (for CPU tensors) an index is out of range.
+        ValueError: if the batch sizes differ, or (with the value checks on) an index is out
+            of range; without them the gather kernel stops on an out-of-range index.
 
     Examples:
         >>> x = torch.arange(12.0).view(2, 3, 2)
@@ -80,8 +81,8 @@ def scatter_tokens(
 
     Raises:
         TypeError: if ``index`` is not an int64 tensor.
-        ValueError: if shapes disagree, ``length`` is smaller than ``K``, or (for CPU tensors)
-            an index is out of range.
+        ValueError: if shapes disagree, ``length`` is smaller than ``K``, or (with the value
+            checks on) an index is out of range.
 
     Examples:
         >>> y = torch.ones(1, 2, 3)
