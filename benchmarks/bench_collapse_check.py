@@ -105,13 +105,15 @@ def ensure_cases(folder: Path, n: int, shape: tuple[int, int, int], jobs: int) -
 
 
 def subset(folder: Path, n: int) -> Path:
-    """A folder of symbolic links to the first ``n`` cases."""
+    """A folder of the first ``n`` cases: case folders holding links to the files."""
     sub = folder.parent / f"{folder.name}-first{n}"
-    sub.mkdir(exist_ok=True)
     for k in range(n):
-        link = sub / case_name(k)
-        if not link.exists():
-            link.symlink_to(folder / case_name(k), target_is_directory=True)
+        (sub / case_name(k)).mkdir(parents=True, exist_ok=True)
+        for m in MODALITIES:
+            name = f"{case_name(k)}-{m}.nii.gz"
+            link = sub / case_name(k) / name
+            if not link.exists():
+                link.symlink_to(folder / case_name(k) / name)
     return sub
 
 

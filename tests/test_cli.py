@@ -333,7 +333,7 @@ def _direct_floors(root, usable, masks):
     return [
         collapsed_loss_floor(
             items, parse_mask_spec(spec, 4).generator, patch_size=4, num_draws=4, seed=0,
-            batch_size=2,  # the command's batches: cases (0, 1) and (2, 3)
+            batch_size=1,  # the command updates one case at a time
         ).floor
         for spec in masks
     ]  # fmt: skip

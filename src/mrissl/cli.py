@@ -266,7 +266,12 @@ def _collapse_check_run(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             run = run_collapse_check(
-                dataset, meters, workers=workers, strict=args.strict, progress=not args.quiet
+                dataset,
+                meters,
+                workers=workers,
+                batch_size=1,  # one case's temporaries at a time in this process
+                strict=args.strict,
+                progress=not args.quiet,
             )
     except ValueError as err:
         raise CLIError(_first_line(err)) from None

@@ -81,11 +81,15 @@ class CaseCrops(Dataset[dict[str, Any]]):
         pipeline: Callable[[dict[str, Any]], Any] | None = None,
     ) -> None:
         self.cases, self.modalities, self.crop = list(cases), list(modalities), crop
-        if pipeline is None:
+        self.pipeline = pipeline
+
+    def _pipeline(self) -> Callable[[dict[str, Any]], Any]:
+        # built on first use, in the loader worker: the main process need not import MONAI
+        if self.pipeline is None:
             from mrissl.data.preprocessing import preprocessing
 
-            pipeline = preprocessing(load=True, crop="center", roi_size=crop)
-        self.pipeline = pipeline
+            self.pipeline = preprocessing(load=True, crop="center", roi_size=self.crop)
+        return self.pipeline
 
     def __len__(self) -> int:
         return len(self.cases)
@@ -95,7 +99,7 @@ class CaseCrops(Dataset[dict[str, Any]]):
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                image = torch.as_tensor(self.pipeline({"image": dict(case.paths)})["image"])
+                image = torch.as_tensor(self._pipeline()({"image": dict(case.paths)})["image"])
         except Exception as err:  # nibabel and MONAI raise many kinds; one line, the file named
             reason = _first_line(err)
             if not any(os.fspath(p) in reason for p in case.paths.values()):

@@ -598,18 +598,23 @@ class CollapseFloorMeter:
         per-voxel weights summed over each token's patch.
         """
         C = shape[0]
-        per = tuple(shape) if self.constant == "voxel" else (C,)
-        count = torch.float32 if self.constant == "voxel" else torch.float64
+        voxel = self.constant == "voxel"
+        per = tuple(shape) if voxel else (C,)
+        count = torch.float32 if voxel else torch.float64
         E, f64, dev = self.num_draws - self.fit_draws, torch.float64, self.device
+        # float32 data, one constant per voxel: the sums that meet no cancellation (s2, x_sum)
+        # and the evaluation draws' Σ m (x - shift), which only meets small c - shift, stay
+        # in float32; the fit's Σ m (x - shift), which gives the constants, in float64
+        wide = f64 if dtype == f64 or not voxel else torch.float32
         self._sums = {
             "shift": torch.zeros(per, dtype=dtype, device=dev),
             "s0": torch.zeros(per, dtype=count, device=dev),  # fit: Σ m
             "s1": torch.zeros(per, dtype=f64, device=dev),  # fit: Σ m (x - shift)
-            "s2": torch.zeros(per, dtype=f64, device=dev),  # fit: Σ m (x - shift)²
-            "x_sum": torch.zeros(per, dtype=f64, device=dev),  # Σ x over present volumes
+            "s2": torch.zeros(per, dtype=wide, device=dev),  # fit: Σ m (x - shift)²
+            "x_sum": torch.zeros(per, dtype=wide, device=dev),  # Σ x over present volumes
             "n": torch.zeros(C, dtype=f64, device=dev),  # values per constant
             "e0": torch.zeros((E, *per), dtype=count, device=dev),  # per evaluation draw
-            "e1": torch.zeros((E, *per), dtype=f64, device=dev),
+            "e1": torch.zeros((E, *per), dtype=wide, device=dev),
             "e2": torch.zeros((E, C), dtype=f64, device=dev),
             "voxels": torch.zeros(C, dtype=f64, device=dev),  # present voxels
             "fit_masked": torch.zeros(self.fit_draws, dtype=f64, device=dev),
@@ -788,24 +793,48 @@ class CollapseFloorMeter:
             self._agree_on_shape()
         if self._shape is None:
             raise ValueError("data yielded no volumes")
-        s = dict(self._sums)
         reduce = all_reduce_ if gather else (lambda t: t)
-        for name in ("n", "x_sum", "voxels", "volumes", "fit_masked"):
-            s[name] = reduce(s[name].clone())
+        small = {
+            name: reduce(self._sums[name].clone())
+            for name in ("n", "voxels", "volumes", "fit_masked")
+        }
         volumes = self._total_volumes() if gather else self.num_volumes
-        if float(s["fit_masked"].min()) == 0:
-            draw = int(torch.argmin(s["fit_masked"]))
+        if float(small["fit_masked"].min()) == 0:
+            draw = int(torch.argmin(small["fit_masked"]))
             raise ValueError(_NOTHING_MASKED.format(draw=draw))
-        shift = s["shift"].to(torch.float64)
-        s0_local = s["s0"].to(torch.float64)
+        if self.constant == "voxel":  # one modality at a time: temporaries of one channel
+            terms = [self._held_out(ch, small["n"][ch], reduce) for ch in range(self._shape[0])]
+            cross, quad, masked = (torch.stack(t, dim=1) for t in zip(*terms, strict=True))
+        else:
+            cross, quad, masked = self._held_out(slice(None), small["n"], reduce)
+        rss = reduce(self._sums["e2"] - 2 * cross + quad)
+        masked = reduce(masked)
+        for e in range(masked.shape[0]):
+            if float(masked[e].sum()) == 0:
+                raise ValueError(_NOTHING_MASKED.format(draw=self.fit_draws + e))
+        voxels = small["voxels"].expand_as(masked)
+        return _summarise(rss, masked, voxels, small["volumes"], self, volumes)
+
+    def _held_out(
+        self, part: int | slice, n: torch.Tensor, reduce: Callable[[torch.Tensor], torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The constants, then each evaluation draw's cross and quadratic terms and mask count.
+
+        ``part`` is one modality (``constant="voxel"``: arrays ``(D, H, W)``, results ``(E,)``)
+        or all of them (``constant="modality"``: arrays ``(C,)``, results ``(E, C)``).
+        """
+        f64 = torch.float64
+        sums = self._sums
+        shift = sums["shift"][part].to(f64)
+        s0_local = sums["s0"][part].to(f64)
+        s1 = sums["s1"][part].to(f64)
         s0 = reduce(s0_local.clone())
         # the masked mean over all processes, then Σ m (x - mean)² from each process's shifted
         # sums (its own shift keeps them accurate) without losing precision to cancellation
-        mean = reduce(s["s1"] + shift * s0_local) / s0.clamp(min=1.0)
+        mean = reduce(s1 + shift * s0_local) / s0.clamp(min=1.0)
         d = mean - shift
-        m2 = reduce(s["s2"] - 2 * d * s["s1"] + d * d * s0_local)
-        n = s["n"] if self.constant == "modality" else s["n"].view(-1, 1, 1, 1)
-        fallback = s["x_sum"] / n.clamp(min=1.0)
+        m2 = reduce(sums["s2"][part].to(f64) - 2 * d * s1 + d * d * s0_local)
+        fallback = reduce(sums["x_sum"][part].to(f64)) / n.clamp(min=1.0)
         # E-MIM eq. 3: the best constant is the mean of the masked voxels, c = Σ m x / Σ m;
         # a voxel that was never masked while fitting falls back to its overall mean
         c = torch.where(s0 > 0, mean, fallback)
@@ -822,27 +851,16 @@ class CollapseFloorMeter:
         # Σ m (x - c)² - Var(c) Σ m with x - c = (x - shift) - (c - shift)
         d = c - shift
         weight = d * d - var_c
-        if self.constant == "voxel":  # one evaluation draw at a time: no (E, C, D, H, W) temps
-            dims = (1, 2, 3)
-            f64 = torch.float64
-            cross = torch.stack([(e1 * d).sum(dim=dims) for e1 in s["e1"]])
-            if self._e0_patch is not None:  # counts per token, weights summed per token
-                w_tok = _token_sums(weight[None], self._e0_patch)[0]
-                e0 = s["e0"].to(f64)
-                quad = (e0 * w_tok).sum(dim=2)
-                masked = e0.sum(dim=2) * math.prod(self._e0_patch)
-            else:
-                quad = torch.stack([(e0.to(f64) * weight).sum(dim=dims) for e0 in s["e0"]])
-                masked = torch.stack([e0.sum(dim=dims, dtype=f64) for e0 in s["e0"]])
-        else:
-            cross, quad, masked = s["e1"] * d, s["e0"] * weight, s["e0"].clone()
-        rss = reduce(s["e2"] - 2 * cross + quad)
-        masked = reduce(masked)
-        for e in range(masked.shape[0]):
-            if float(masked[e].sum()) == 0:
-                raise ValueError(_NOTHING_MASKED.format(draw=self.fit_draws + e))
-        voxels = s["voxels"].expand_as(masked)
-        return _summarise(rss, masked, voxels, s["volumes"], self, volumes)
+        e1, e0 = sums["e1"][:, part], sums["e0"][:, part]
+        if self.constant == "modality":
+            return e1 * d, e0 * weight, e0.clone()
+        cross = torch.stack([(e1_r * d).sum() for e1_r in e1])
+        if self._e0_patch is not None:  # counts per token, weights summed per token
+            w_tok = _token_sums(weight[None, None], self._e0_patch)[0, 0]
+            quad = (e0.to(f64) * w_tok).sum(dim=1)
+            return cross, quad, e0.sum(dim=1, dtype=f64) * math.prod(self._e0_patch)
+        quad = torch.stack([(e0_r.to(f64) * weight).sum() for e0_r in e0])
+        return cross, quad, torch.stack([e0_r.sum(dtype=f64) for e0_r in e0])
 
     def _agree_on_shape(self) -> None:
         mine = None if self._shape is None else (self._shape, self._e0_patch)
