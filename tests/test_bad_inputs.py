@@ -258,6 +258,13 @@ ROWS: list[Row] = [
         ValueError,
         "available",
     ),
+    Row(
+        "masking",
+        "generator on an empty batch",
+        lambda: masking.HybridMaskPattern()(X[:0], 4),
+        ValueError,
+        "volume must hold at least one case",
+    ),
     # ---------------------------------------------------------------- losses
     Row("losses", "barlow shapes differ", lambda: losses.barlow_twins(Z, Z[:8]), ValueError, "z_b"),
     Row(
@@ -490,6 +497,13 @@ ROWS: list[Row] = [
         lambda: mnn.scatter_tokens(TOKENS, [[0] * 8] * 2, 1),
         ValueError,
         "length",
+    ),
+    Row(
+        "nn",
+        "scatter fill as text",
+        lambda: mnn.scatter_tokens(TOKENS, [[0] * 8] * 2, 8, fill="0"),  # type: ignore[arg-type]
+        TypeError,
+        "fill",
     ),
     Row("nn", "grid not dividing", lambda: mnn.grid_size(8, 3), ValueError, "patch"),
     # ---------------------------------------------------------------- diagnostics
@@ -816,3 +830,17 @@ def test_cross_modal_fill_carries_gradients(mask: torch.Tensor) -> None:
             if s >= 0:
                 counts[b, s] += voxels[b, c].float()
     assert torch.equal(x.grad, counts)
+
+
+def test_scatter_tokens_accepts_a_list_as_the_mask_token() -> None:
+    index = [[0, 2, 4, 6, 8, 10, 12, 14]] * 2
+    as_list = mnn.scatter_tokens(TOKENS, index, 16, fill=[0.5] * 6)
+    as_tensor = mnn.scatter_tokens(TOKENS, torch.tensor(index), 16, fill=torch.full((6,), 0.5))
+    assert torch.equal(as_list, as_tensor)
+
+
+def test_cross_modal_fill_on_an_empty_batch_fills_nothing() -> None:
+    for mask in (MASK[:0], VMASK[:0]):
+        filled, source = masking.cross_modal_fill(X[:0], mask, 4)
+        assert filled.shape == X[:0].shape
+        assert source.shape == (0, 4)

@@ -263,6 +263,11 @@ class MaskGenerator(ABC):
             ``(B, C, N)`` bool, True = masked, with ``N`` the number of patches.
         """
         check_tensor(volume, "volume", ndim=5)
+        if volume.shape[0] == 0 or volume.shape[1] == 0:
+            raise ValueError(
+                f"volume must hold at least one case and one modality, got shape "
+                f"{tuple(volume.shape)}"
+            )
         if patch_size is None:
             patch_size = self._default_patch_size
         if patch_size is None:

@@ -622,11 +622,12 @@ def _source_volume(
     """
     B, C = source.shape
     rows = (torch.arange(B, device=volume.device)[:, None] * C + source.clamp(min=0)).flatten()
-    flat = volume.reshape(B * C, -1)
+    voxels = math.prod(volume.shape[2:])  # not -1: B may be 0
+    flat = volume.reshape(B * C, voxels)
     if out is None:
         res = flat.index_select(0, rows)
     else:
-        res = torch.index_select(flat, 0, rows, out=out.view(B * C, -1))
+        res = torch.index_select(flat, 0, rows, out=out.view(B * C, voxels))
     # fixed shapes: a masked fill over every row, not an index of the rows without a source
     res.masked_fill_((source.flatten() < 0)[:, None], fallback)
     return res.view(volume.shape) if out is None else out

@@ -12,6 +12,8 @@ sequence of length ``L`` and fills the rest.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from mrissl._checks import as_index, check_index, check_tensor
@@ -60,7 +62,7 @@ def scatter_tokens(
     x: torch.Tensor,
     index: torch.Tensor,
     length: int,
-    fill: torch.Tensor | float = 0.0,
+    fill: torch.Tensor | float | Sequence[float] = 0.0,
 ) -> torch.Tensor:
     """Put tokens back at their positions in a longer sequence and fill the other positions.
 
@@ -72,9 +74,10 @@ def scatter_tokens(
         x: ``(B, K, ...)`` tokens, for example the encoder output of the kept tokens.
         index: ``(B, K)`` int64 positions in ``[0, length)``, without repeats within a sample.
         length: ``L``, the length of the full sequence.
-        fill: the value of every position not in ``index``: a number, or a tensor that
-            broadcasts to one token ``x.shape[2:]`` (a mask token of shape ``(E,)`` or
-            ``(1, 1, E)``). Gradients reach a tensor ``fill`` from every filled position.
+        fill: the value of every position not in ``index``: a number, or a tensor (or a list
+            of numbers) that broadcasts to one token ``x.shape[2:]`` (a mask token of shape
+            ``(E,)`` or ``(1, 1, E)``). Gradients reach a tensor ``fill`` from every filled
+            position.
 
     Returns:
         ``(B, length, ...)`` in the dtype of ``x`` (``fill`` is cast to it).
@@ -109,6 +112,8 @@ def scatter_tokens(
     if index.device != x.device:
         raise ValueError(f"index is on {index.device} but x is on {x.device}")
     out_shape = (x.shape[0], length, *x.shape[2:])
+    if isinstance(fill, list | tuple):  # a mask token written as a list of numbers
+        fill = torch.as_tensor(fill, dtype=x.dtype, device=x.device)
     if isinstance(fill, torch.Tensor):
         token_shape = tuple(x.shape[2:])
         try:
@@ -119,6 +124,10 @@ def scatter_tokens(
                 f"got shape {tuple(fill.shape)}"
             ) from err
         base = fill.to(dtype=x.dtype, device=x.device).expand(out_shape)
+    elif isinstance(fill, bool) or not isinstance(fill, int | float):
+        raise TypeError(
+            f"fill must be a number, a tensor or a list of numbers, got {type(fill).__name__}"
+        )
     else:
         base = x.new_full((1,) * len(out_shape), float(fill)).expand(out_shape)
     # out-of-place scatter: gradients reach both x and (at the untouched positions) fill
