@@ -87,6 +87,15 @@ def paths(tmp_path_factory):
     import pickle
 
     (root / "pickled.pt").write_bytes(pickle.dumps({"x": object()}, protocol=2))
+    import nibabel as nib
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    for case in ("case-1", "case-2"):  # a tiny dataset with every phantom contrast
+        (root / "cases" / case).mkdir(parents=True)
+        for name in ("t1n", "t1c", "t2w", "pd", "t2f"):
+            image = nib.Nifti1Image(rng.random((10, 10, 10), dtype=np.float32), np.eye(4))
+            nib.save(image, root / "cases" / case / f"{case}-{name}.nii.gz")
     return root
 
 
@@ -163,6 +172,8 @@ def _valid(action: argparse.Action, option: str, words: tuple[str, ...], paths):
         return st.sampled_from(VALID_MASKS)
     if option in VALID_INTS:
         return st.integers(*VALID_INTS[option]).map(str)
+    if option == "folder":
+        return st.just(str(paths / "cases"))
     return None
 
 
@@ -206,7 +217,12 @@ def _value(
         one = _mask_specs()
     elif option == "folder":
         one = st.sampled_from(
-            [str(paths / "missing_dir"), str(paths / "text.txt"), str(paths / "empty_dir")]
+            [
+                str(paths / "cases"),
+                str(paths / "missing_dir"),
+                str(paths / "text.txt"),
+                str(paths / "empty_dir"),
+            ]
         )
     elif action.type is None:
         one = st.text(string.printable, max_size=8)
@@ -327,5 +343,7 @@ def test_documented_user_errors_are_exit_2_and_one_line(paths, argv):
 
 def test_valid_tiny_runs_exit_0(paths):
     assert _check_contract(["collapse-check", *TINY_COLLAPSE_CHECK, "--json"]) == 0
+    folder = ["collapse-check", str(paths / "cases"), *TINY_COLLAPSE_CHECK, "--json"]
+    assert _check_contract(folder) == 0
     assert _check_contract(["rank", str(paths / "z.pt")]) == 0
     assert _check_contract(["templates", "export", str(paths / "ckpt.pt"), str(paths / "o")]) == 0
