@@ -692,6 +692,8 @@ class CollapseFloorMeter:
             given = torch.as_tensor(available)
             given = given.unsqueeze(0) if given.ndim == 1 else given
             avail = check_available(given, B, C, self.device)
+            if avail is not None and bool(avail.all()):  # all present: nothing to exclude
+                avail = None
         idx = _as_index(index, B, "update")
         dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         if self._shape is not None:
