@@ -60,9 +60,10 @@ def main() -> None:
         depths=depths,
         window_size=window,
     )
-    # PBT: one level per Swin stage. The stages hold from N = 4096 to 8 tokens (64³ input), so
-    # each level's N × N term is divided by its size to weigh the levels alike.
-    pbt = PyramidBarlowTwinsLoss(4, scale_by_size=True)
+    # PBT: one level per Swin stage. The stages hold from N = 4096 to 8 tokens (64³ input);
+    # the default reduction="mean" divides each level's N × N term by N² (a mean over the
+    # entries of C), which weighs the levels alike.
+    pbt = PyramidBarlowTwinsLoss(4)
     mask_pattern = HybridMaskPattern()  # E-MIM's default hybrid mask
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4)
     print(f"SwinUNETR feature_size={feature_size}, volumes ({batch}, {modalities}, {size})")

@@ -16,6 +16,7 @@ A block that needs an optional extra that is not installed (matplotlib for the p
 
 from __future__ import annotations
 
+import builtins
 import importlib.util
 import re
 import shlex
@@ -129,3 +130,25 @@ def test_bash_block_commands_exist(page, line, body, reason, tmp_path, monkeypat
                     if named and spec.split("[")[0] in (".", "mrissl"):
                         unknown = set(named.group(1).split(",")) - extras
                         assert not unknown, f"{page.name}:{line}: no extra {unknown} in pyproject"
+
+
+def _defined_in_src() -> set[str]:
+    """Every name that ``src/mrissl`` defines or assigns (functions, classes, variables)."""
+    names: set[str] = set()
+    pattern = re.compile(r"^\s*(?:def|class)\s+(\w+)|^\s*(\w+)\s*(?::[^=]*)?=[^=]", re.M)
+    for path in (ROOT / "src" / "mrissl").rglob("*.py"):
+        for match in pattern.finditer(path.read_text(encoding="utf-8")):
+            names.add(match.group(1) or match.group(2))
+    return names
+
+
+@pytest.mark.parametrize(
+    ("page", "line", "body", "reason"),
+    [case for case in _cases(PAGES, "python") if "implementation" in str(case.values[3])],
+)
+def test_implementation_excerpts_call_what_the_code_defines(page, line, body, reason):
+    # an excerpt is not run, so a renamed helper would go unnoticed: every bare name it calls
+    # must still exist in the library (or be a builtin)
+    called = set(re.findall(r"(?<![\w.])([A-Za-z_]\w*)\(", body))
+    missing = sorted(called - _defined_in_src() - set(dir(builtins)))
+    assert not missing, f"{page.name}:{line}: the excerpt calls {missing}, defined nowhere in src"

@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+import mrissl
 from mrissl.diagnostics import EffectiveRankMeter, effective_rank, rankme, singular_values
 
 
@@ -130,6 +131,22 @@ def test_non_finite_batch_is_rejected_and_leaves_the_state_unchanged():
         meter.update(bad)
     for key, value in meter.state_dict().items():
         assert torch.equal(value, before[key])
+
+
+def test_compute_after_an_unchecked_non_finite_batch_says_why():
+    # with the value checks off (the default) update() does not read the batch; compute, which
+    # synchronises anyway, reports the NaN instead of a linear-algebra convergence failure
+    meter = EffectiveRankMeter(4)
+    meter.update(torch.randn(10, 4))
+    bad = torch.randn(5, 4)
+    bad[2, 0] = math.nan
+    with mrissl.checks("none"):
+        meter.update(bad)
+        with pytest.raises(ValueError, match=r"moments hold NaN or Inf.*set_checks"):
+            meter.compute()
+    meter.reset()
+    meter.update(torch.randn(10, 4))
+    assert meter.compute().num_samples == 10
 
 
 def test_bad_input_gives_clear_errors():

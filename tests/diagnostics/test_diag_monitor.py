@@ -154,3 +154,21 @@ def test_update_accumulates_on_the_device_and_step_adds_the_verdict():
     assert by_update.step(*batches[2]) == by_step.step(*batches[2])
     assert by_step.status.loss == pytest.approx(float(sum(loss for loss, _ in batches)) / 3)
     assert int(by_step.loss_count) == 0  # a new window starts
+
+
+def test_update_then_step_none_equals_step_with_the_values():
+    # the compiled-step pattern: update() adds the values, step(None) counts and closes windows
+    g = torch.Generator().manual_seed(11)
+    steps = [(float(torch.rand((), generator=g)), torch.randn(8, 6, generator=g)) for _ in range(6)]
+    split, whole = (
+        CollapseMonitor(6, window=3, warn=False),
+        CollapseMonitor(6, window=3, warn=False),
+    )
+    for loss, z in steps:
+        split.update(torch.tensor(loss), z)
+        got = split.step(None)
+        want = whole.step(loss, z)
+        assert got == want
+    assert split.losses == pytest.approx(whole.losses)
+    assert split.ranks == pytest.approx(whole.ranks)
+    assert split.losses == pytest.approx([sum(v for v, _ in steps[i : i + 3]) / 3 for i in (0, 3)])

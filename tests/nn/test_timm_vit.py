@@ -172,15 +172,86 @@ def test_errors_say_what_to_do():
 
 
 def test_factory_conflicts():
+    # a 3D img_size for create_model fails in timm after the build, whatever the factory holds
+    for size in [(16, 16, 24), (16, 16, 16)]:
+        with pytest.raises(ValueError, match=r"give the 3D size to PatchEmbed3d\.for_timm only"):
+            timm.create_model(
+                "vit_small_patch16_224",
+                img_size=size,
+                patch_size=8,
+                in_chans=2,
+                embed_layer=PatchEmbed3d.for_timm((16, 16, 16)),
+                **SMALL,
+            )
+    # outside create_model a ViT built directly passes its own 3D size: it must agree
     with pytest.raises(ValueError, match="differs"):
-        timm.create_model(
-            "vit_small_patch16_224",
-            img_size=(16, 16, 24),
-            patch_size=8,
-            in_chans=2,
-            embed_layer=PatchEmbed3d.for_timm((16, 16, 16)),
-            **SMALL,
-        )
+        PatchEmbed3d.for_timm((16, 16, 16))(img_size=(16, 16, 24), patch_size=8, in_chans=2)
     with pytest.raises(ValueError, match="in_chans"):
         _vit((16, 16, 16), embed_kwargs={"in_chans": 3})
     assert "per_modality" in repr(PatchEmbed3d.for_timm(16, layout="per_modality"))
+
+
+def test_literal_create_model_call_with_a_3d_img_size_names_the_working_call():
+    # timm records img_size with a 2D check after building the model and rejects (D, H, W);
+    # the error comes before the build and shows the call that works
+    with pytest.raises(ValueError, match=r"PatchEmbed3d\.for_timm\(\(16, 24, 32\)\)"):
+        timm.create_model(
+            "vit_small_patch16_224",
+            img_size=(16, 24, 32),
+            patch_size=8,
+            in_chans=2,
+            embed_layer=PatchEmbed3d,
+            **SMALL,
+        )
+    vit = timm.create_model(
+        "vit_small_patch16_224",
+        patch_size=8,
+        in_chans=2,
+        embed_layer=PatchEmbed3d.for_timm((16, 24, 32)),
+        **SMALL,
+    )
+    assert vit.patch_embed.grid_size == (2, 3, 4)
+
+
+def test_create_model_without_a_3d_size_names_the_working_call():
+    # timm passes the model's default (224, 224) when no img_size is given
+    for kwargs in [{}, {"img_size": (16, 24)}]:
+        with pytest.raises(ValueError, match=r"2D size .*PatchEmbed3d\.for_timm\(\(D, H, W\)\)"):
+            timm.create_model(
+                "vit_small_patch16_224",
+                patch_size=8,
+                in_chans=2,
+                embed_layer=PatchEmbed3d,
+                **SMALL,
+                **kwargs,
+            )
+
+
+def test_create_model_with_a_cube_size_and_the_plain_layer_works():
+    vit = timm.create_model(
+        "vit_small_patch16_224",
+        img_size=16,
+        patch_size=8,
+        in_chans=2,
+        embed_layer=PatchEmbed3d,
+        **SMALL,
+    )
+    assert vit.patch_embed.img_size == (16, 16, 16)
+    assert vit(torch.randn(1, 2, 16, 16, 16)).shape == (1, 48)
+
+
+def test_vision_transformer_built_directly_takes_a_3d_img_size():
+    from timm.models.vision_transformer import VisionTransformer
+
+    vit = VisionTransformer(
+        img_size=(16, 24, 32),
+        patch_size=8,
+        in_chans=2,
+        embed_layer=PatchEmbed3d,
+        embed_dim=48,
+        depth=1,
+        num_heads=4,
+        num_classes=0,
+    )
+    assert vit.patch_embed.grid_size == (2, 3, 4)
+    assert vit(torch.randn(1, 2, 16, 24, 32)).shape == (1, 48)

@@ -202,7 +202,9 @@ class EffectiveRankMeter(nn.Module):
             spectrum (largest first), the effective rank, RankMe and the sample count.
 
         Raises:
-            ValueError: if fewer than 2 samples have been seen (over all processes when synced).
+            ValueError: if fewer than 2 samples have been seen (over all processes when synced),
+                or if the accumulated moments hold NaN/Inf (a batch with NaN/Inf was fed while
+                the value checks were off).
 
         Warns:
             UserWarning: when ``count`` is below ``D``, which caps the effective rank.
@@ -213,6 +215,14 @@ class EffectiveRankMeter(nn.Module):
             raise ValueError(
                 f"EffectiveRankMeter needs at least 2 samples before compute(), got {n}; "
                 "call update() with more features first"
+            )
+        # compute reads values on the host anyway: say why, rather than let eigvalsh fail with
+        # "ill-conditioned" on a state that update() (unchecked by default) let NaN into
+        if not bool(torch.isfinite(m2).all() & torch.isfinite(mean).all()):
+            raise ValueError(
+                f"EffectiveRankMeter's moments hold NaN or Inf after {n} samples: a batch given "
+                "to update() held NaN or Inf; call reset(), and turn on "
+                'mrissl.set_checks("values") to have update() reject such a batch'
             )
         if not self.center:
             m2 = m2 + torch.outer(mean, mean) * float(n)

@@ -149,7 +149,9 @@ class CollapseMonitor(nn.Module):
         The per-step work of [`step`][mrissl.diagnostics.CollapseMonitor.step]: a running sum
         and a feature-moment update, entirely on the device, so it never synchronises and
         compiles into one graph (``torch.compile(monitor.update, fullgraph=True)``). It counts
-        no steps and closes no window; call ``step`` for that, or use ``step`` alone.
+        no steps and closes no window: after ``update(loss, features)`` call ``step(None)``,
+        which counts the step and closes a window every ``window`` steps without adding the
+        loss or the features a second time (or call ``step(loss, features)`` alone instead).
 
         Args:
             loss: the step's reconstruction loss, a 0-dim tensor (detached here) or a float;

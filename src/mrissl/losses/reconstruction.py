@@ -107,7 +107,8 @@ def masked_reconstruction_loss(
         TypeError: if ``pred``/``target`` are not floating or a mask is not bool.
         ValueError: naming the argument, for shapes that do not fit each other or
             ``patch_size``, a missing ``mask`` or ``patch_size``, ``norm_pix`` with one
-            voxel per patch (a variance over one value), NaN or Inf.
+            voxel per patch (a variance over one value); NaN or Inf with the value checks on
+            (``mrissl.set_checks``).
 
     Examples:
         MAE on stacked tokens, counting only the masked positions:

@@ -20,7 +20,9 @@ initialisers written for timm and MONAI apply unchanged.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable, Sequence
+from types import FrameType
 from typing import TYPE_CHECKING, Any, Literal, cast
 
 import torch
@@ -143,6 +145,7 @@ class PatchEmbed3d(nn.Module):
         self.img_size: Triple | None = None
         self.grid_size: Triple | None = None
         self.num_patches: int | None = None
+        _check_img_size_from_timm(img_size, sys._getframe(1))
         self.set_input_size(img_size)
 
         p = self.patch_size
@@ -333,6 +336,66 @@ class PatchEmbed3d(nn.Module):
         return (
             f"img_size={self.img_size}, patch_size={self.patch_size}, in_chans={self.in_chans}, "
             f"embed_dim={self.embed_dim}, layout={self.layout!r}, num_patches={self.num_patches}"
+        )
+
+
+_FOR_TIMM = "embed_layer=PatchEmbed3d.for_timm((D, H, W))"
+
+
+def _in_timm_create_model(caller: FrameType | None) -> bool:
+    """True when ``caller`` is timm code running inside ``timm.create_model``."""
+    if caller is None or not str(caller.f_globals.get("__name__", "")).startswith("timm."):
+        return False
+    frame: FrameType | None = caller
+    while frame is not None:
+        module = str(frame.f_globals.get("__name__", ""))
+        if frame.f_code.co_name == "build_model_with_cfg" and module.startswith("timm."):
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _timm_rejects_img_size(img_size: Any) -> bool:
+    """True when timm's record of the model's input size would reject ``img_size``.
+
+    ``timm.create_model`` builds the model and then stores ``img_size`` with timm's own 2D
+    check (``(H, W)`` or one int, timm >= 1.0.20); that same check is asked here, so an older
+    timm that stores any size is not refused.
+    """
+    spatial_size = getattr(sys.modules.get("timm.models._input"), "_spatial_size", None)
+    if spatial_size is None:
+        return False
+    try:
+        spatial_size(img_size)
+    except (TypeError, ValueError):
+        return True
+    return False
+
+
+def _check_img_size_from_timm(img_size: Any, caller: FrameType | None) -> None:
+    """Errors that name the working call when timm builds the layer with a size it cannot use.
+
+    ``caller`` is the frame that called ``PatchEmbed3d(...)``: timm's ``VisionTransformer``
+    when the layer is its ``embed_layer``. Only the frames are read; timm is not changed.
+    """
+    if not isinstance(img_size, Sequence) or isinstance(img_size, str):
+        return
+    if caller is None or not str(caller.f_globals.get("__name__", "")).startswith("timm."):
+        return
+    size = tuple(img_size)
+    if len(size) == 2:  # timm's default (H, W) of the model, or one given as (H, W)
+        raise ValueError(
+            f"img_size must be (D, H, W) or one int, got the 2D size {size} from timm (the "
+            f"img_size given to create_model, or the model's default 2D size when none is "
+            f"given); give the volume size through the layer, {_FOR_TIMM}, or img_size=<int> "
+            "for a cube"
+        )
+    if len(size) == 3 and _in_timm_create_model(caller) and _timm_rejects_img_size(size):
+        raise ValueError(
+            f"timm.create_model(img_size={size}) would build this layer and then reject the "
+            f"size, because timm records img_size as a 2D (H, W) size; give the volume size "
+            f"through the layer instead, {_FOR_TIMM} with no img_size for create_model "
+            f"(here PatchEmbed3d.for_timm({size})), or img_size=<int> for a cube"
         )
 
 

@@ -6,7 +6,9 @@ turns it into a 3D encoder. Three places of timm assume 2D images, and this modu
 * ``timm.create_model(..., img_size=(D, H, W))`` builds the model and then fails in timm's
   record of the input size, which accepts only ``(H, W)``. Pass the 3D size through the embed
   layer instead: ``embed_layer=PatchEmbed3d.for_timm((D, H, W))``
-  ([`PatchEmbed3dFactory`][mrissl.nn.PatchEmbed3dFactory]).
+  ([`PatchEmbed3dFactory`][mrissl.nn.PatchEmbed3dFactory]); the call with
+  ``embed_layer=PatchEmbed3d`` and a 3D ``img_size`` stops before the build with an error that
+  shows it.
 * ``dynamic_img_size=True`` resamples the position embedding as a 2D image;
   [`adapt_timm_vit`][mrissl.nn.adapt_timm_vit] replaces that step, for this one model, by the
   3D resampling of [`resample_pos_embed_3d`][mrissl.nn.resample_pos_embed_3d] (and makes
@@ -21,6 +23,7 @@ instance you pass.
 
 from __future__ import annotations
 
+import sys
 import types
 from collections.abc import Sequence
 from typing import Any, NoReturn
@@ -29,7 +32,7 @@ import torch
 from torch import nn
 
 from mrissl._checks import Triple, to_triple
-from mrissl.nn.patch_embed import PatchEmbed3d
+from mrissl.nn.patch_embed import PatchEmbed3d, _in_timm_create_model, _timm_rejects_img_size
 from mrissl.nn.pos_embed import resample_pos_embed_3d
 
 __all__ = ["PatchEmbed3dFactory", "adapt_timm_vit"]
@@ -68,6 +71,17 @@ class PatchEmbed3dFactory:
     def __call__(self, **timm_kwargs: Any) -> PatchEmbed3d:
         """Build the layer from timm's keywords, with the 3D ``img_size``."""
         timm_size = timm_kwargs.pop("img_size", None)
+        if (
+            isinstance(timm_size, Sequence)
+            and len(timm_size) == 3
+            and _in_timm_create_model(sys._getframe(1))
+            and _timm_rejects_img_size(timm_size)
+        ):
+            raise ValueError(
+                f"img_size {tuple(timm_size)} given to timm.create_model would be rejected by "
+                "timm after building the model (timm records img_size as a 2D (H, W) size); "
+                "give the 3D size to PatchEmbed3d.for_timm only and no img_size to create_model"
+            )
         if (
             isinstance(timm_size, Sequence)
             and len(timm_size) == 3
