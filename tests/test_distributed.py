@@ -89,7 +89,7 @@ SCENARIOS: dict[str, tuple[Any, list[tuple[int, ...]], list[int]]] = {
         [2, 2],
     ),
     "pyramid": (
-        lambda a, b, gather: pyramid_barlow_twins([a, a * 2], [b, b], gather_distributed=gather)[0],
+        lambda a, b, gather: pyramid_barlow_twins([a, a * 2], [b, b], gather_distributed=gather),
         [(4, 3), (4, 3)],
         [2, 2],
     ),
