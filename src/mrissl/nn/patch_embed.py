@@ -27,7 +27,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mrissl._checks import Triple, check_floating, check_tensor, to_triple
+from mrissl._checks import (
+    Triple,
+    check_bool,
+    check_choice,
+    check_floating,
+    check_number,
+    check_tensor,
+    to_triple,
+)
 from mrissl.nn.patches import Layout, grid_size, patchify
 
 if TYPE_CHECKING:
@@ -81,7 +89,9 @@ class PatchEmbed3d(nn.Module):
         >>> embed = PatchEmbed3d(img_size=96, patch_size=16, in_chans=4, embed_dim=96)
         >>> embed(torch.randn(2, 4, 96, 96, 96)).shape
         torch.Size([2, 216, 96])
-        >>> per_mod = PatchEmbed3d(96, 16, in_chans=4, embed_dim=96, layout="per_modality")
+        >>> per_mod = PatchEmbed3d(
+        ...     96, patch_size=16, in_chans=4, embed_dim=96, layout="per_modality"
+        ... )
         >>> per_mod(torch.randn(2, 4, 96, 96, 96)).shape
         torch.Size([2, 864, 96])
 
@@ -97,6 +107,7 @@ class PatchEmbed3d(nn.Module):
     def __init__(
         self,
         img_size: int | Sequence[int] | None = 96,
+        *,
         patch_size: int | Sequence[int] = 16,
         in_chans: int = 1,
         embed_dim: int = 768,
@@ -106,7 +117,6 @@ class PatchEmbed3d(nn.Module):
         bias: bool = True,
         strict_img_size: bool = True,
         dynamic_img_pad: bool = False,
-        *,
         layout: Layout = "stacked",
         modality_embed: bool = True,
         shared_proj: bool = True,
@@ -115,20 +125,25 @@ class PatchEmbed3d(nn.Module):
     ) -> None:
         super().__init__()
         factory: dict[str, Any] = {"device": device, "dtype": dtype}
-        _check_positive_int(in_chans, "in_chans")
-        _check_positive_int(embed_dim, "embed_dim")
-        if layout not in ("stacked", "per_modality"):
-            raise ValueError(f"layout must be 'stacked' or 'per_modality', got {layout!r}")
+        check_number(in_chans, "in_chans", low=1, integer=True)
+        check_number(embed_dim, "embed_dim", low=1, integer=True)
+        check_choice(layout, "layout", ("stacked", "per_modality"))
+        for name, flag in (
+            ("flatten", flatten),
+            ("bias", bias),
+            ("strict_img_size", strict_img_size),
+            ("dynamic_img_pad", dynamic_img_pad),
+            ("modality_embed", modality_embed),
+            ("shared_proj", shared_proj),
+        ):
+            check_bool(flag, name)
         #: built by a timm ViT with dynamic_img_size=True (output_fmt="NHWC")
         self.timm_dynamic = output_fmt == "NHWC"
         #: set by adapt_timm_vit once the ViT resamples its position embedding in 3D
         self.adapted_for_timm = False
         if output_fmt is not None:
-            if output_fmt not in ("NCDHW", "NDHWC", "NHWC"):
-                raise ValueError(
-                    f"output_fmt must be 'NCDHW', 'NDHWC' or None ('NHWC' from timm's "
-                    f"dynamic_img_size=True), got {output_fmt!r}"
-                )
+            # "NHWC" comes from timm's dynamic_img_size=True (class docstring)
+            check_choice(output_fmt, "output_fmt", ("NCDHW", "NDHWC", "NHWC"))
             flatten = False
         self.patch_size: Triple = to_triple(patch_size, "patch_size")
         self.in_chans = in_chans
@@ -334,10 +349,3 @@ class PatchEmbed3d(nn.Module):
             f"img_size={self.img_size}, patch_size={self.patch_size}, in_chans={self.in_chans}, "
             f"embed_dim={self.embed_dim}, layout={self.layout!r}, num_patches={self.num_patches}"
         )
-
-
-def _check_positive_int(value: Any, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    if value <= 0:
-        raise ValueError(f"{name} must be positive, got {value}")
