@@ -31,8 +31,8 @@ __all__ = ["resample_pos_embed_3d", "sincos_pos_embed_3d"]
 def sincos_pos_embed_3d(
     grid: int | Sequence[int],
     dim: int,
-    spacing: float | Sequence[float] | None = None,
     *,
+    spacing: float | Sequence[float] | None = None,
     patch_size: int | Sequence[int] = 1,
     temperature: float = 10000.0,
     device: torch.device | str | None = None,

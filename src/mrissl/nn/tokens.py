@@ -62,6 +62,7 @@ def scatter_tokens(
     x: torch.Tensor,
     index: torch.Tensor,
     length: int,
+    *,
     fill: torch.Tensor | float | Sequence[float] = 0.0,
 ) -> torch.Tensor:
     """Put tokens back at their positions in a longer sequence and fill the other positions.
