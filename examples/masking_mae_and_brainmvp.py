@@ -68,7 +68,9 @@ def main() -> None:
         f"HMP: realised ratio {mask.float().mean():.4f}, expected "
         f"{hmp.expected_mask_ratio(C, n):.4f} with all modalities present"
     )
-    embed = PatchEmbed3d(size, patch, in_chans=C, embed_dim=dim, layout="per_modality").to(device)
+    embed = PatchEmbed3d(
+        size, patch_size=patch, in_chans=C, embed_dim=dim, layout="per_modality"
+    ).to(device)
     encoder = nn.Sequential(*[Block(dim, num_heads=4) for _ in range(2)]).to(device)
     mask_token = nn.Parameter(torch.zeros(dim, device=device))
     head = nn.Linear(dim, patch**3).to(device)

@@ -119,7 +119,9 @@ def main() -> None:
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        levels_txt = "  ".join(f"b{k}={v.item():.3f}" for k, v in per_level.items())
+        levels_txt = "  ".join(
+            f"b{k}={v.item():.3f}" for k, v in zip(pbt.levels, per_level, strict=True)
+        )
         print(f"step {step}: L_MIM {mim.item():.4f}  L_PBT {total_pbt.item():.3f}  ({levels_txt})")
 
 

@@ -60,9 +60,8 @@ def main() -> None:
         depths=depths,
         window_size=window,
     )
-    # PBT: one level per Swin stage. The stages hold from N = 4096 to 8 tokens (64³ input);
-    # the default reduction="mean" divides each level's N × N term by N² (a mean over the
-    # entries of C), which weighs the levels alike.
+    # PBT: one level per Swin stage. The stages hold from N = 4096 to 8 tokens (64³ input); each
+    # level's N × N term is a mean over its N² entries (the default), so the levels weigh alike.
     pbt = PyramidBarlowTwinsLoss(4)
     mask_pattern = HybridMaskPattern()  # E-MIM's default hybrid mask
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4)
@@ -87,7 +86,9 @@ def main() -> None:
         loss.backward()
         optimizer.step()
         tokens = [f"{f.shape[1]}×{f.shape[2]}" for f in full]
-        levels = "  ".join(f"l{k}={v.item():.3f}" for k, v in per_level.items())
+        levels = "  ".join(
+            f"l{k}={v.item():.3f}" for k, v in zip(pbt.levels, per_level, strict=True)
+        )
         if step == 1:
             print(f"stage tokens (N×C): {'  '.join(tokens)}; grids {full.grids}")
         print(f"step {step}: L_seg {seg.item():.4f}  L_PBT {loss_pbt.item():.3f}  ({levels})")

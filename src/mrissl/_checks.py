@@ -6,8 +6,9 @@ expected and what arrived, as DESIGN.md asks of every public function.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal, overload
 
 import torch
 
@@ -180,3 +181,86 @@ def as_index(index: Any, name: str, device: torch.device) -> Any:
     if probe.is_floating_point() or probe.is_complex() or probe.dtype == torch.bool:
         raise TypeError(f"{name} must hold ints, got a {type(index).__name__} of {probe.dtype}")
     return probe.to(device=device, dtype=torch.long)
+
+
+# ---- scalar configuration: the one vocabulary every module uses ---------------------------
+
+
+def check_choice(value: Any, name: str, choices: Sequence[str]) -> str:
+    """Return ``value`` if it is one of ``choices``, else raise ``ValueError`` naming them."""
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+    return value
+
+
+def check_bool(value: Any, name: str) -> bool:
+    """Return ``value`` if it is a ``bool``, else raise ``TypeError``."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
+    return value
+
+
+@overload
+def check_number(
+    value: Any,
+    name: str,
+    *,
+    low: float | None = ...,
+    high: float | None = ...,
+    low_open: bool = ...,
+    high_open: bool = ...,
+    integer: Literal[False] = ...,
+) -> float: ...
+
+
+@overload
+def check_number(
+    value: Any,
+    name: str,
+    *,
+    low: float | None = ...,
+    high: float | None = ...,
+    low_open: bool = ...,
+    high_open: bool = ...,
+    integer: Literal[True],
+) -> int: ...
+
+
+def check_number(
+    value: Any,
+    name: str,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+    integer: bool = False,
+) -> float | int:
+    """A finite real number (an ``int`` with ``integer=True``) within optional bounds.
+
+    ``low``/``high`` are inclusive unless ``low_open``/``high_open``. A ``bool`` is not a
+    number here (``True`` for a ratio is a mistake). Returns a ``float``, or the ``int``.
+
+    Raises:
+        TypeError: for a value that is not a number (not an ``int`` with ``integer=True``).
+        ValueError: for NaN, an infinity or a value out of bounds, naming the bounds.
+    """
+    kinds: tuple[type, ...] = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        want = "an int" if integer else "a number"
+        raise TypeError(f"{name} must be {want}, got {type(value).__name__} {value!r}")
+    given: Any = value  # narrowed to a number above; mypy sees `object`
+    number: float | int = int(given) if integer else float(given)
+    below = low is not None and (number <= low if low_open else number < low)
+    above = high is not None and (number >= high if high_open else number > high)
+    if not math.isfinite(number) or below or above:
+        bounds = []
+        if low is not None:
+            bounds.append(f"{'>' if low_open else '>='} {low:g}")
+        if high is not None:
+            bounds.append(f"{'<' if high_open else '<='} {high:g}")
+        want = ("an int" if integer else "a finite number") + (
+            " " + " and ".join(bounds) if bounds else ""
+        )
+        raise ValueError(f"{name} must be {want}, got {value!r}")
+    return number

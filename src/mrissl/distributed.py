@@ -25,7 +25,7 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 
-from mrissl._checks import check_tensor
+from mrissl._checks import check_choice, check_tensor
 
 __all__ = [
     "all_gather",
@@ -42,11 +42,11 @@ ReduceOp = Literal["sum", "mean", "max", "min"]
 _OPS = ("sum", "mean", "max", "min")
 
 
-def is_distributed(group: Any = None) -> bool:
+def is_distributed(process_group: Any = None) -> bool:
     """Return whether ``torch.distributed`` is initialised with more than one process.
 
     Args:
-        group: a process group; ``None`` is the default (world) group.
+        process_group: a process group; ``None`` is the default (world) group.
 
     Returns:
         ``True`` when collectives would exchange data with other processes.
@@ -55,10 +55,10 @@ def is_distributed(group: Any = None) -> bool:
         >>> is_distributed()  # a plain Python process
         False
     """
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size(process_group) > 1
 
 
-def world_size(group: Any = None) -> int:
+def world_size(process_group: Any = None) -> int:
     """Return the number of processes, ``1`` when ``torch.distributed`` is not initialised.
 
     Examples:
@@ -66,11 +66,11 @@ def world_size(group: Any = None) -> int:
         1
     """
     if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size(group)
+        return dist.get_world_size(process_group)
     return 1
 
 
-def rank(group: Any = None) -> int:
+def rank(process_group: Any = None) -> int:
     """Return this process's rank, ``0`` when ``torch.distributed`` is not initialised.
 
     Examples:
@@ -78,11 +78,13 @@ def rank(group: Any = None) -> int:
         0
     """
     if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(group)
+        return dist.get_rank(process_group)
     return 0
 
 
-def gather_sizes(n: int, *, device: torch.device | None = None, group: Any = None) -> list[int]:
+def gather_sizes(
+    n: int, *, device: torch.device | None = None, process_group: Any = None
+) -> list[int]:
     """Return the local batch size of every process, in rank order.
 
     Losses use it to find where this process's samples sit in the gathered batch (the labels of
@@ -96,7 +98,7 @@ def gather_sizes(n: int, *, device: torch.device | None = None, group: Any = Non
         n: this process's number of samples.
         device: where the exchanged counter lives; must be a device the backend supports
             (CUDA for NCCL). Defaults to CPU.
-        group: a process group; ``None`` is the default group.
+        process_group: a process group; ``None`` is the default group.
 
     Returns:
         ``world_size`` ints; ``[n]`` when not distributed.
@@ -105,11 +107,11 @@ def gather_sizes(n: int, *, device: torch.device | None = None, group: Any = Non
         >>> gather_sizes(8)
         [8]
     """
-    if not is_distributed(group):
+    if not is_distributed(process_group):
         return [int(n)]
     local = torch.tensor([int(n)], dtype=torch.long, device=device)
-    sizes = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(sizes, local, group=group)
+    sizes = [torch.empty_like(local) for _ in range(dist.get_world_size(process_group))]
+    dist.all_gather(sizes, local, group=process_group)
     return [int(s.item()) for s in sizes]
 
 
@@ -158,7 +160,7 @@ class _AllReduceSum(torch.autograd.Function):
 
 
 def all_gather(
-    tensor: torch.Tensor, *, sizes: Sequence[int] | None = None, group: Any = None
+    tensor: torch.Tensor, *, sizes: Sequence[int] | None = None, process_group: Any = None
 ) -> torch.Tensor:
     """Concatenate the tensors of all processes along dim 0, with gradients.
 
@@ -170,7 +172,7 @@ def all_gather(
         tensor: ``(n, ...)`` this process's samples.
         sizes: every process's ``n`` in rank order, when already known (from
             [`gather_sizes`][mrissl.distributed.gather_sizes]); otherwise exchanged here.
-        group: a process group; ``None`` is the default group.
+        process_group: a process group; ``None`` is the default group.
 
     Returns:
         ``(sum(sizes), ...)``, rank 0's samples first; ``tensor`` itself when not distributed.
@@ -185,23 +187,24 @@ def all_gather(
         True
     """
     check_tensor(tensor, "tensor", ndim=range(1, 16))
-    if not is_distributed(group):
+    if not is_distributed(process_group):
         return tensor
     if sizes is None:
-        sizes = gather_sizes(tensor.shape[0], device=tensor.device, group=group)
+        sizes = gather_sizes(tensor.shape[0], device=tensor.device, process_group=process_group)
     sizes = [int(s) for s in sizes]
-    me = dist.get_rank(group)
-    if len(sizes) != dist.get_world_size(group) or sizes[me] != tensor.shape[0]:
+    me = dist.get_rank(process_group)
+    if len(sizes) != dist.get_world_size(process_group) or sizes[me] != tensor.shape[0]:
         raise ValueError(
-            f"sizes must hold one batch size per process ({dist.get_world_size(group)}) with "
-            f"this process's {tensor.shape[0]} at index {me}, got {sizes}"
+            f"sizes must hold one batch size per process "
+            f"({dist.get_world_size(process_group)}) with this process's {tensor.shape[0]} at "
+            f"index {me}, got {sizes}"
         )
-    out: torch.Tensor = _AllGather.apply(tensor, sizes, group)
+    out: torch.Tensor = _AllGather.apply(tensor, sizes, process_group)
     return out
 
 
 def all_reduce(
-    tensor: torch.Tensor, op: Literal["sum", "mean"] = "sum", *, group: Any = None
+    tensor: torch.Tensor, op: Literal["sum", "mean"] = "sum", *, process_group: Any = None
 ) -> torch.Tensor:
     """Sum (or average) a tensor over all processes, with gradients.
 
@@ -211,7 +214,7 @@ def all_reduce(
     Args:
         tensor: any shape; the same shape on every process.
         op: ``"sum"`` or ``"mean"`` (the sum divided by the number of processes).
-        group: a process group; ``None`` is the default group.
+        process_group: a process group; ``None`` is the default group.
 
     Returns:
         The reduced tensor; ``tensor`` itself when not distributed.
@@ -225,15 +228,16 @@ def all_reduce(
         True
     """
     check_tensor(tensor, "tensor")
-    if op not in ("sum", "mean"):
-        raise ValueError(f"op must be 'sum' or 'mean' for a differentiable all_reduce, got {op!r}")
-    if not is_distributed(group):
+    check_choice(op, "op", ("sum", "mean"))  # a differentiable max or min is not offered
+    if not is_distributed(process_group):
         return tensor
-    out: torch.Tensor = _AllReduceSum.apply(tensor, group)
-    return out / dist.get_world_size(group) if op == "mean" else out
+    out: torch.Tensor = _AllReduceSum.apply(tensor, process_group)
+    return out / dist.get_world_size(process_group) if op == "mean" else out
 
 
-def all_reduce_(tensor: torch.Tensor, op: ReduceOp = "sum", *, group: Any = None) -> torch.Tensor:
+def all_reduce_(
+    tensor: torch.Tensor, op: ReduceOp = "sum", *, process_group: Any = None
+) -> torch.Tensor:
     """Reduce a tensor over all processes in place, without gradients (for meters' state).
 
     A no-op when ``torch.distributed`` is not initialised or runs one process.
@@ -241,7 +245,7 @@ def all_reduce_(tensor: torch.Tensor, op: ReduceOp = "sum", *, group: Any = None
     Args:
         tensor: any shape, the same on every process; overwritten with the result.
         op: ``"sum"``, ``"mean"``, ``"max"`` or ``"min"``. ``"mean"`` needs a floating tensor.
-        group: a process group; ``None`` is the default group.
+        process_group: a process group; ``None`` is the default group.
 
     Returns:
         ``tensor``, for chaining.
@@ -256,11 +260,10 @@ def all_reduce_(tensor: torch.Tensor, op: ReduceOp = "sum", *, group: Any = None
         tensor([3, 5])
     """
     check_tensor(tensor, "tensor")
-    if op not in _OPS:
-        raise ValueError(f"op must be one of {_OPS}, got {op!r}")
+    check_choice(op, "op", _OPS)
     if op == "mean" and not (tensor.is_floating_point() or tensor.is_complex()):
         raise TypeError(f"op='mean' needs a floating-point tensor, got dtype {tensor.dtype}")
-    if not is_distributed(group):
+    if not is_distributed(process_group):
         return tensor
     reduce_op = {
         "sum": dist.ReduceOp.SUM,
@@ -270,15 +273,15 @@ def all_reduce_(tensor: torch.Tensor, op: ReduceOp = "sum", *, group: Any = None
     }[op]
     with torch.no_grad():
         buf = tensor if tensor.is_contiguous() else tensor.contiguous()
-        dist.all_reduce(buf, op=reduce_op, group=group)
+        dist.all_reduce(buf, op=reduce_op, group=process_group)
         if op == "mean":
-            buf.div_(dist.get_world_size(group))
+            buf.div_(dist.get_world_size(process_group))
         if buf is not tensor:
             tensor.copy_(buf)
     return tensor
 
 
-def broadcast_(tensor: torch.Tensor, src: int = 0, *, group: Any = None) -> torch.Tensor:
+def broadcast_(tensor: torch.Tensor, src: int = 0, *, process_group: Any = None) -> torch.Tensor:
     """Overwrite ``tensor`` in place with the one of process ``src``, without gradients.
 
     A no-op when ``torch.distributed`` is not initialised or runs one process. The Barlow
@@ -287,7 +290,7 @@ def broadcast_(tensor: torch.Tensor, src: int = 0, *, group: Any = None) -> torc
     Args:
         tensor: any shape, the same on every process.
         src: the global rank whose tensor every process receives.
-        group: a process group; ``None`` is the default group.
+        process_group: a process group; ``None`` is the default group.
 
     Returns:
         ``tensor``, for chaining.
@@ -297,11 +300,11 @@ def broadcast_(tensor: torch.Tensor, src: int = 0, *, group: Any = None) -> torc
         tensor([0, 1, 2])
     """
     check_tensor(tensor, "tensor")
-    if not is_distributed(group):
+    if not is_distributed(process_group):
         return tensor
     with torch.no_grad():
         buf = tensor if tensor.is_contiguous() else tensor.contiguous()
-        dist.broadcast(buf, src=src, group=group)
+        dist.broadcast(buf, src=src, group=process_group)
         if buf is not tensor:
             tensor.copy_(buf)
     return tensor

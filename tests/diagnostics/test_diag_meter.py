@@ -185,7 +185,7 @@ def test_fewer_samples_than_dim_warns_but_gives_a_finite_result():
 
 
 def test_sync_without_a_process_group_is_a_no_op():
-    meter = EffectiveRankMeter(6, sync_distributed=True)
+    meter = EffectiveRankMeter(6, gather_distributed=True)
     plain = EffectiveRankMeter(6)
     for b in _batches(4, 5, 6):
         meter.update(b)
@@ -209,7 +209,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     try:
         batches = _batches(10, 30, 12)
         mine = batches[:7] if rank == 0 else batches[7:]  # uneven shares
-        synced = EffectiveRankMeter(12, sync_distributed=True)
+        synced = EffectiveRankMeter(12, gather_distributed=True)
         local = EffectiveRankMeter(12)
         for b in mine:
             synced.update(b)

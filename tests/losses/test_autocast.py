@@ -33,7 +33,7 @@ LOSSES = {
     "barlow_feature_tokens": lambda z, z_m: barlow_twins(z, z_m),
     "barlow_token": lambda z, z_m: barlow_twins(z, z_m, mode="token"),
     "barlow_token_joint": lambda z, z_m: barlow_twins(z, z_m, mode="token", batch_mode="joint"),
-    "pyramid": lambda z, z_m: pyramid_barlow_twins([z, 2 * z], [z_m, z_m - 1])[0],
+    "pyramid": lambda z, z_m: pyramid_barlow_twins([z, 2 * z], [z_m, z_m - 1]),
     "info_nce": lambda z, z_m: info_nce(z.mean(1), z_m.mean(1), temperature=0.1),
     "consistency": lambda z, z_m: consistency_loss(z, z_m),
     "reconstruction": lambda z, z_m: masked_reconstruction_loss(

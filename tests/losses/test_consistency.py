@@ -29,9 +29,9 @@ def test_gradcheck(gen):
 
 
 def test_bad_input_names_the_argument():
-    with pytest.raises(ValueError, match="f1 and f2 must have the same shape"):
+    with pytest.raises(ValueError, match="z_a and z_b must have the same shape"):
         consistency_loss(torch.zeros(2, 3), torch.zeros(2, 4))
     with pytest.raises(ValueError, match="metric"):
         consistency_loss(torch.zeros(2, 3), torch.zeros(2, 3), metric="l1")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="f2 contains NaN"):
+    with pytest.raises(ValueError, match="z_b contains NaN"):
         consistency_loss(torch.zeros(2, 3), torch.full((2, 3), float("nan")))

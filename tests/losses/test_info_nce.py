@@ -123,15 +123,15 @@ def test_bad_input_names_the_argument(gen):
         info_nce(a, a, temperature=torch.tensor(-1.0))
     with pytest.raises(ValueError, match="temperature"):
         InfoNCELoss(temperature=0.0)
-    with pytest.raises(ValueError, match="a and b must have the same shape"):
+    with pytest.raises(ValueError, match="z_a and z_b must have the same shape"):
         info_nce(a, a[:3])
     with pytest.raises(ValueError, match="negatives must have the embedding width"):
         info_nce(a, a, negatives=torch.randn(3, 5))
-    with pytest.raises(ValueError, match="a must have 2 dimensions"):
+    with pytest.raises(ValueError, match="z_a must have 2 dimensions"):
         info_nce(a[None], a[None])
     bad = a.clone()
     bad[0, 0] = float("inf")
-    with pytest.raises(ValueError, match="b contains NaN or Inf"):
+    with pytest.raises(ValueError, match="z_b contains NaN or Inf"):
         info_nce(a, bad)
 
 

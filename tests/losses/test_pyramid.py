@@ -4,7 +4,12 @@ import pytest
 import torch
 
 import mrissl
-from mrissl.losses import PyramidBarlowTwinsLoss, barlow_twins, pyramid_barlow_twins
+from mrissl.losses import (
+    PyramidBarlowTwinsLoss,
+    PyramidLoss,
+    barlow_twins,
+    pyramid_barlow_twins,
+)
 from mrissl.nn import capture_intermediates, gather_tokens, pyramid_levels
 
 
@@ -16,7 +21,9 @@ def levels(gen, n_levels=3, B=2, N=10, E=6):
 
 def test_total_is_the_weighted_sum_of_token_mode_levels_eq_7(gen):
     full, masked = levels(gen)
-    total, per_level = pyramid_barlow_twins(full, masked, weights=[1.0, 0.5, 2.0], reduction="sum")
+    total, per_level = pyramid_barlow_twins(
+        full, masked, weights=[1.0, 0.5, 2.0], reduction="sum", return_levels=True
+    )
     want = [barlow_twins(z, z_m, mode="token").item() for z, z_m in zip(full, masked, strict=True)]
     assert per_level.tolist() == pytest.approx(want, rel=1e-6)
     assert total.item() == pytest.approx(want[0] + 0.5 * want[1] + 2 * want[2], rel=1e-6)
@@ -26,7 +33,7 @@ def test_token_dropping_encoder_gathers_the_full_view_at_the_kept_positions(gen)
     full, _ = levels(gen)
     keep = torch.stack([torch.randperm(10, generator=gen)[:4] for _ in range(2)])
     masked = [gather_tokens(z, keep) + 0.1 for z in full]
-    total, _ = pyramid_barlow_twins(full, masked, keep=keep, reduction="sum")
+    total = pyramid_barlow_twins(full, masked, keep=keep, reduction="sum")
     want = sum(
         barlow_twins(gather_tokens(z, keep), z_m, mode="token")
         for z, z_m in zip(full, masked, strict=True)
@@ -34,15 +41,28 @@ def test_token_dropping_encoder_gathers_the_full_view_at_the_kept_positions(gen)
     assert total.item() == pytest.approx(want.item(), rel=1e-6)
 
 
-def test_module_returns_named_levels_for_logging(gen):
+def test_module_returns_levels_in_the_order_of_its_level_names(gen):
     full, masked = levels(gen, n_levels=4)
     pbt = PyramidBarlowTwinsLoss(pyramid_levels(12, 4), weights=[1, 1, 1, 0.0])
-    total, named = pbt(full, masked, return_levels=True)
+    result = pbt(full, masked, return_levels=True)
+    assert isinstance(result, PyramidLoss)
+    named = dict(zip(pbt.levels, result.per_level, strict=True))
     assert list(named) == [3, 6, 9, 12]
-    assert total.item() == pytest.approx(
+    assert result.total.item() == pytest.approx(
         sum(v.item() for k, v in named.items() if k != 12), rel=1e-6
     )
-    assert torch.equal(pbt(full, masked), total)
+    assert torch.equal(pbt(full, masked), result.total)
+
+
+def test_function_and_module_return_the_same_type(gen):
+    full, masked = levels(gen, n_levels=3)
+    pbt = PyramidBarlowTwinsLoss(3, weights=[1.0, 0.5, 2.0])
+    from_module = pbt(full, masked, return_levels=True)
+    from_function = pyramid_barlow_twins(full, masked, weights=[1.0, 0.5, 2.0], return_levels=True)
+    assert type(from_module) is type(from_function) is PyramidLoss
+    assert torch.equal(from_module.total, from_function.total)
+    assert torch.equal(from_module.per_level, from_function.per_level)
+    assert torch.equal(pyramid_barlow_twins(full, masked), PyramidBarlowTwinsLoss(3)(full, masked))
 
 
 def test_works_on_monai_masked_autoencoder_features(gen):
@@ -80,7 +100,7 @@ def test_gradcheck_with_keep(gen):
     masked = [torch.randn(2, 3, 3, generator=gen, dtype=torch.float64, requires_grad=True)]
     keep = torch.tensor([[0, 1, 4], [2, 3, 0]])
     assert torch.autograd.gradcheck(
-        lambda a, b: pyramid_barlow_twins([a], [b], keep=keep)[0], (full[0], masked[0])
+        lambda a, b: pyramid_barlow_twins([a], [b], keep=keep), (full[0], masked[0])
     )
 
 
@@ -88,25 +108,27 @@ def test_bad_input_names_the_argument_and_level(gen):
     full, masked = levels(gen)
     with pytest.raises(ValueError, match="same, non-zero number of levels"):
         pyramid_barlow_twins(full, masked[:2])
-    with pytest.raises(ValueError, match=r"full\[1\] and masked\[1\] must have the same shape"):
+    with pytest.raises(ValueError, match=r"z_a\[1\] and z_b\[1\] must have the same shape"):
         pyramid_barlow_twins(full, [masked[0], masked[1][:, :4], masked[2]])
     with pytest.raises(ValueError, match="weights must have one entry per level"):
         pyramid_barlow_twins(full, masked, weights=[1.0])
     with pytest.raises(ValueError, match=r"weights\[1\]"):
         pyramid_barlow_twins(full, masked, weights=[1.0, -1.0, 1.0])
-    with pytest.raises(ValueError, match=r"masked\[0\] must hold one token per kept position"):
+    with pytest.raises(ValueError, match=r"z_b\[0\] must hold one token per kept position"):
         pyramid_barlow_twins(full, masked, keep=torch.zeros(2, 3, dtype=torch.long))
-    with pytest.raises(ValueError, match=r"full must hold 4 levels"):
+    with pytest.raises(ValueError, match=r"z_a must hold 4 levels"):
         PyramidBarlowTwinsLoss(4)(full, masked)
     bad = [m.clone() for m in masked]
     bad[2][0, 0, 0] = float("nan")
-    with pytest.raises(ValueError, match=r"masked\[2\] contains NaN"):
+    with pytest.raises(ValueError, match=r"z_b\[2\] contains NaN"):
         pyramid_barlow_twins(full, bad)
 
 
 def test_default_mean_reduction_divides_each_level_by_the_entries_of_its_matrix(gen):
     full, masked = levels(gen, N=10, E=6)
-    total, per_level = pyramid_barlow_twins(full, masked, weights=[1.0, 0.5, 2.0])
+    total, per_level = pyramid_barlow_twins(
+        full, masked, weights=[1.0, 0.5, 2.0], return_levels=True
+    )
     # eq. 8 written out: Σ_ij (I − C)_ij² over the 10 × 10 cosine matrix, averaged over B
     want = []
     for z, z_m in zip(full, masked, strict=True):
@@ -122,11 +144,11 @@ def test_mean_reduction_uses_the_kept_tokens_and_the_feature_count(gen):
     full, _ = levels(gen, n_levels=2, N=10, E=6)
     keep = torch.stack([torch.randperm(10, generator=gen)[:4] for _ in range(2)])
     masked = [gather_tokens(z, keep) + 0.3 for z in full]
-    mean, _ = pyramid_barlow_twins(full, masked, keep=keep)
-    summed, _ = pyramid_barlow_twins(full, masked, keep=keep, reduction="sum")
+    mean = pyramid_barlow_twins(full, masked, keep=keep)
+    summed = pyramid_barlow_twins(full, masked, keep=keep, reduction="sum")
     assert mean.item() == pytest.approx(summed.item() / 4**2, rel=1e-6)  # K × K matrices
-    feat_mean, _ = pyramid_barlow_twins(full, full, mode="feature")
-    feat_sum, _ = pyramid_barlow_twins(full, full, mode="feature", reduction="sum")
+    feat_mean = pyramid_barlow_twins(full, full, mode="feature")
+    feat_sum = pyramid_barlow_twins(full, full, mode="feature", reduction="sum")
     assert feat_mean.item() == pytest.approx(feat_sum.item() / 6**2, rel=1e-6, abs=1e-9)
 
 
@@ -138,8 +160,8 @@ def test_module_default_is_the_mean_and_sum_is_eq_8_as_printed(gen):
 
 
 def test_mean_reduction_of_random_features_does_not_grow_with_the_number_of_positions(gen):
-    small = pyramid_barlow_twins(*levels(gen, n_levels=1, N=16, E=64))[0].item()
-    large = pyramid_barlow_twins(*levels(gen, n_levels=1, N=256, E=64))[0].item()
+    small = pyramid_barlow_twins(*levels(gen, n_levels=1, N=16, E=64)).item()
+    large = pyramid_barlow_twins(*levels(gen, n_levels=1, N=256, E=64)).item()
     assert large == pytest.approx(small, rel=0.3)
 
 
@@ -151,16 +173,16 @@ def test_reduction_is_checked_and_excludes_scale_by_size(gen):
         pyramid_barlow_twins(full, masked, scale_by_size=True)
     with pytest.raises(ValueError, match="scale_by_size=True divides each level by N"):
         PyramidBarlowTwinsLoss(3, scale_by_size=True)
-    total, _ = pyramid_barlow_twins(full, masked, scale_by_size=True, reduction="sum")
-    want, _ = pyramid_barlow_twins(full, masked, reduction="sum")
+    total = pyramid_barlow_twins(full, masked, scale_by_size=True, reduction="sum")
+    want = pyramid_barlow_twins(full, masked, reduction="sum")
     assert total.item() == pytest.approx(want.item() / 10, rel=1e-6)
 
 
 def test_tensor_weights_are_used_on_the_device_without_reading_them(gen):
     full, masked = levels(gen)
     weights = torch.tensor([1.0, 0.5, 2.0], requires_grad=True)  # e.g. learned level weights
-    total, per_level = pyramid_barlow_twins(full, masked, weights=weights)
-    want, _ = pyramid_barlow_twins(full, masked, weights=[1.0, 0.5, 2.0])
+    total, per_level = pyramid_barlow_twins(full, masked, weights=weights, return_levels=True)
+    want = pyramid_barlow_twins(full, masked, weights=[1.0, 0.5, 2.0])
     assert total.item() == pytest.approx(want.item(), rel=1e-6)
     total.backward()
     torch.testing.assert_close(weights.grad, per_level.detach())
@@ -170,4 +192,8 @@ def test_tensor_weights_are_used_on_the_device_without_reading_them(gen):
         pyramid_barlow_twins(full, masked, weights=torch.tensor([1.0, -1.0, 1.0]))
     with pytest.raises(ValueError, match="one entry per level"):
         pyramid_barlow_twins(full, masked, weights=torch.ones(2))
-    assert PyramidBarlowTwinsLoss(3, torch.tensor([1.0, 0.5, 2.0])).weights == [1.0, 0.5, 2.0]
+    assert PyramidBarlowTwinsLoss(3, weights=torch.tensor([1.0, 0.5, 2.0])).weights == [
+        1.0,
+        0.5,
+        2.0,
+    ]

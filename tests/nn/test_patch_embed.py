@@ -20,14 +20,14 @@ def _conv_reference(x, weight, bias, patch):
 
 @pytest.mark.parametrize(("size", "patch"), [((16, 16, 16), 8), ((8, 12, 20), (4, 6, 5))])
 def test_stacked_layout_equals_conv3d_on_the_same_weights(device, size, patch):
-    embed = PatchEmbed3d(size, patch, in_chans=3, embed_dim=10).to(device).double()
+    embed = PatchEmbed3d(size, patch_size=patch, in_chans=3, embed_dim=10).to(device).double()
     x = torch.randn(2, 3, *size, device=device, dtype=torch.float64)
     expected = _conv_reference(x, embed.proj.weight, embed.proj.bias, embed.patch_size)
     torch.testing.assert_close(embed(x), expected)
 
 
 def test_gradients_equal_those_of_conv3d():
-    embed = PatchEmbed3d(8, 4, in_chans=2, embed_dim=6).double()
+    embed = PatchEmbed3d(8, patch_size=4, in_chans=2, embed_dim=6).double()
     x = torch.randn(3, 2, 8, 8, 8, dtype=torch.float64, requires_grad=True)
     target = torch.randn(3, 8, 6, dtype=torch.float64)
     (embed(x) * target).sum().backward()
@@ -41,7 +41,11 @@ def test_gradients_equal_those_of_conv3d():
 
 
 def test_per_modality_layout_embeds_each_modality_with_the_shared_projection(device):
-    embed = PatchEmbed3d(8, 4, in_chans=3, embed_dim=6, layout="per_modality").to(device).double()
+    embed = (
+        PatchEmbed3d(8, patch_size=4, in_chans=3, embed_dim=6, layout="per_modality")
+        .to(device)
+        .double()
+    )
     x = torch.randn(2, 3, 8, 8, 8, device=device, dtype=torch.float64)
     out = embed(x)
     assert out.shape == (2, 3 * 8, 6)
@@ -55,7 +59,7 @@ def test_per_modality_layout_embeds_each_modality_with_the_shared_projection(dev
 def test_per_modality_layout_with_one_projection_per_modality():
     embed = PatchEmbed3d(
         8,
-        4,
+        patch_size=4,
         in_chans=2,
         embed_dim=5,
         layout="per_modality",
@@ -69,7 +73,7 @@ def test_per_modality_layout_with_one_projection_per_modality():
 
 
 def test_modality_can_be_dropped_from_the_encoder_input():
-    embed = PatchEmbed3d(8, 4, in_chans=3, embed_dim=6, layout="per_modality")
+    embed = PatchEmbed3d(8, patch_size=4, in_chans=3, embed_dim=6, layout="per_modality")
     x = torch.randn(2, 3, 8, 8, 8)
     mask = torch.zeros(2, 3, 8, dtype=torch.bool)
     mask[0, 1] = True  # sample 0 loses modality 1
@@ -79,7 +83,7 @@ def test_modality_can_be_dropped_from_the_encoder_input():
     # what the encoder sees equals embedding only the kept modalities
     torch.testing.assert_close(kept[0], embed(x)[0, [*range(8), *range(16, 24)]])
     x_without = x[1:, [0, 1]]
-    ref = PatchEmbed3d(8, 4, in_chans=2, embed_dim=6, layout="per_modality")
+    ref = PatchEmbed3d(8, patch_size=4, in_chans=2, embed_dim=6, layout="per_modality")
     ref.load_state_dict(
         {
             "proj.weight": embed.proj.weight,
@@ -92,23 +96,25 @@ def test_modality_can_be_dropped_from_the_encoder_input():
 
 @pytest.mark.parametrize(("fmt", "shape"), [("NCDHW", (2, 6, 2, 3, 4)), ("NDHWC", (2, 2, 3, 4, 6))])
 def test_grid_output_formats(fmt, shape):
-    embed = PatchEmbed3d((8, 12, 16), 4, in_chans=1, embed_dim=6, output_fmt=fmt)
+    embed = PatchEmbed3d((8, 12, 16), patch_size=4, in_chans=1, embed_dim=6, output_fmt=fmt)
     x = torch.randn(2, 1, 8, 12, 16)
     out = embed(x)
     assert out.shape == shape
-    flat = PatchEmbed3d((8, 12, 16), 4, in_chans=1, embed_dim=6)
+    flat = PatchEmbed3d((8, 12, 16), patch_size=4, in_chans=1, embed_dim=6)
     flat.load_state_dict(embed.state_dict())
     seq = out.flatten(2).transpose(1, 2) if fmt == "NCDHW" else out.flatten(1, 3)
     torch.testing.assert_close(seq, flat(x))
 
 
 def test_per_modality_grid_output():
-    embed = PatchEmbed3d(8, 4, in_chans=3, embed_dim=6, layout="per_modality", flatten=False)
+    embed = PatchEmbed3d(
+        8, patch_size=4, in_chans=3, embed_dim=6, layout="per_modality", flatten=False
+    )
     assert embed(torch.randn(2, 3, 8, 8, 8)).shape == (2, 3, 6, 2, 2, 2)
 
 
 def test_dynamic_img_pad_pads_the_far_end_with_zeros():
-    embed = PatchEmbed3d(None, 4, in_chans=1, embed_dim=6, dynamic_img_pad=True)
+    embed = PatchEmbed3d(None, patch_size=4, in_chans=1, embed_dim=6, dynamic_img_pad=True)
     x = torch.randn(1, 1, 7, 8, 5)
     padded = F.pad(x, (0, 3, 0, 0, 0, 1))
     torch.testing.assert_close(
@@ -130,7 +136,7 @@ def test_dynamic_img_pad_pads_the_far_end_with_zeros():
 def test_inference_projects_slab_by_slab_with_the_same_result(device, options):
     # without autograd the patch copy is made one slab of patch rows at a time; the tokens
     # must be those of the one-shot path (which autograd uses) in value and order
-    embed = PatchEmbed3d((12, 8, 8), (4, 4, 2), in_chans=3, embed_dim=5, **options)
+    embed = PatchEmbed3d((12, 8, 8), patch_size=(4, 4, 2), in_chans=3, embed_dim=5, **options)
     embed = embed.to(device).double()
     size = (11, 8, 7) if options.get("dynamic_img_pad") else (12, 8, 8)
     x = torch.randn(2, 3, *size, device=device, dtype=torch.float64)
@@ -148,7 +154,7 @@ def test_inference_projects_slab_by_slab_with_the_same_result(device, options):
 
 
 def test_norm_layer_is_applied_per_token():
-    embed = PatchEmbed3d(8, 4, in_chans=1, embed_dim=6, norm_layer=torch.nn.LayerNorm)
+    embed = PatchEmbed3d(8, patch_size=4, in_chans=1, embed_dim=6, norm_layer=torch.nn.LayerNorm)
     out = embed(torch.randn(2, 1, 8, 8, 8))
     torch.testing.assert_close(out.mean(-1), torch.zeros(2, 8), atol=1e-5, rtol=0)
 
@@ -157,7 +163,7 @@ def test_norm_layer_is_applied_per_token():
 def test_autocast_gives_finite_results_close_to_float32(dtype):
     if dtype is torch.float16:
         pytest.importorskip("torch", minversion="2.4")
-    embed = PatchEmbed3d(16, 8, in_chans=4, embed_dim=24)
+    embed = PatchEmbed3d(16, patch_size=8, in_chans=4, embed_dim=24)
     x = torch.rand(2, 4, 16, 16, 16)
     with torch.autocast("cpu", dtype=dtype):
         low = embed(x)
@@ -217,7 +223,7 @@ def test_timm_at_the_paper_size():
 
 
 def test_set_input_size_changes_the_grid_but_not_the_patch():
-    embed = PatchEmbed3d(32, 8, in_chans=1, embed_dim=6)
+    embed = PatchEmbed3d(32, patch_size=8, in_chans=1, embed_dim=6)
     embed.set_input_size((16, 32, 64))
     assert embed.grid_size == (2, 4, 8)
     assert embed.num_patches == 64
@@ -226,7 +232,7 @@ def test_set_input_size_changes_the_grid_but_not_the_patch():
 
 
 def test_input_errors_name_the_problem():
-    embed = PatchEmbed3d(16, 8, in_chans=2, embed_dim=6)
+    embed = PatchEmbed3d(16, patch_size=8, in_chans=2, embed_dim=6)
     with pytest.raises(ValueError, match="in_chans = 2"):
         embed(torch.randn(1, 3, 16, 16, 16))
     with pytest.raises(ValueError, match=r"strict_img_size=False.*adapt_timm_vit"):
@@ -235,7 +241,7 @@ def test_input_errors_name_the_problem():
         embed(torch.randn(2, 16, 16, 16))
     with pytest.raises(TypeError, match="floating"):
         embed(torch.ones(1, 2, 16, 16, 16, dtype=torch.long))
-    loose = PatchEmbed3d(16, 8, in_chans=2, embed_dim=6, strict_img_size=False)
+    loose = PatchEmbed3d(16, patch_size=8, in_chans=2, embed_dim=6, strict_img_size=False)
     assert loose(torch.randn(1, 2, 16, 16, 24)).shape == (1, 12, 6)
     with pytest.raises(ValueError, match="width"):
         loose(torch.randn(1, 2, 16, 16, 20))
@@ -247,6 +253,6 @@ def test_constructor_errors():
     with pytest.raises(ValueError, match="output_fmt"):
         PatchEmbed3d(output_fmt="NCHW")
     with pytest.raises(ValueError, match="height"):
-        PatchEmbed3d((16, 20, 16), 16)
+        PatchEmbed3d((16, 20, 16), patch_size=16)
     with pytest.raises(ValueError, match="in_chans"):
         PatchEmbed3d(in_chans=0)

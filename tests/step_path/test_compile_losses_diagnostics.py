@@ -78,7 +78,7 @@ def _levels_keep_weights(g: torch.Generator) -> tuple[torch.Tensor, ...]:
 
 
 def _pbt_keep(z1, z2, m1, m2, keep, weights):
-    total, _ = pyramid_barlow_twins([z1, z2], [m1[:, :3], m2[:, :3]], keep=keep, weights=weights)
+    total = pyramid_barlow_twins([z1, z2], [m1[:, :3], m2[:, :3]], keep=keep, weights=weights)
     return total
 
 
@@ -128,7 +128,7 @@ CASES: dict[str, Case] = {
     ),
     "BarlowTwinsLoss": Case(_bt_module, _pair(8, 16)),
     "pyramid_barlow_twins": Case(
-        _fn(lambda z1, z2, m1, m2: pyramid_barlow_twins([z1, z2], [m1, m2])[0]), _levels
+        _fn(lambda z1, z2, m1, m2: pyramid_barlow_twins([z1, z2], [m1, m2])), _levels
     ),
     "pyramid_barlow_twins keep weights": Case(_fn(_pbt_keep), _levels_keep_weights),
     "PyramidBarlowTwinsLoss": Case(_pbt_module, _levels),
@@ -315,7 +315,7 @@ def test_value_checks_switched_on_after_compiling_still_catch_nan() -> None:
 def test_loss_path_compiles_with_inductor_and_equals_eager() -> None:
     # one Inductor compilation (C++ on the CPU) of several losses and diagnostics together
     def step(z, z_m, f, f_m):
-        total, _ = pyramid_barlow_twins([z], [z_m])
+        total = pyramid_barlow_twins([z], [z_m])
         return (
             total
             + barlow_twins(f, f_m)

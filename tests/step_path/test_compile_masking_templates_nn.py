@@ -87,7 +87,7 @@ def _templates(normalise: str = "none", padding: str = "error") -> ModalityTempl
 
 def _patch_embed(**kwargs: Any) -> PatchEmbed3d:
     torch.manual_seed(0)
-    return PatchEmbed3d(S, P, in_chans=C, embed_dim=8, **kwargs)
+    return PatchEmbed3d(S, patch_size=P, in_chans=C, embed_dim=8, **kwargs)
 
 
 @dataclass

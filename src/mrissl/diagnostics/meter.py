@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from mrissl._checks import check_tensor
+from mrissl._checks import check_bool, check_number, check_tensor
 from mrissl.diagnostics.spectrum import RANKME_EPS, _entropy_rank, _feature_matrix
 from mrissl.distributed import all_reduce_
 
@@ -30,7 +30,8 @@ class RankResult(NamedTuple):
         spectrum: ``(min(count, D),)`` float64 singular values, largest first.
         effective_rank: 0-dim float64, Roy & Vetterli's effective rank of ``spectrum``.
         rankme: 0-dim float64, RankMe of ``spectrum`` with the meter's ``eps``.
-        num_samples: the number of samples the spectrum summarises (over all processes when synced).
+        num_samples: the number of samples the spectrum summarises (over all processes when
+            gathered).
     """
 
     spectrum: torch.Tensor
@@ -75,7 +76,7 @@ class EffectiveRankMeter(nn.Module):
     below ``D · 2.2e-16 · λ_max`` (indistinguishable from rounding) are set to 0 so that a
     rank-``k`` stream gives exactly ``k``.
 
-    With ``sync_distributed=True``, ``compute`` merges the moments of all processes of
+    With ``gather_distributed=True``, ``compute`` merges the moments of all processes of
     ``torch.distributed`` (two all-reduces of ``O(D²)`` values) before decomposing, without
     changing the local state, so every process gets the spectrum of the global stream; without
     an initialised process group it is a no-op.
@@ -85,7 +86,7 @@ class EffectiveRankMeter(nn.Module):
         center: subtract the running mean (spectrum of the covariance); ``False`` gives the
             spectrum of the raw features.
         eps: the ``ε`` of RankMe (``p_k + ε``); the effective rank never uses one.
-        sync_distributed: merge the state of all processes in ``compute``.
+        gather_distributed: merge the state of all processes in ``compute``.
         process_group: the ``torch.distributed`` group to merge over (default: the world).
 
     Examples:
@@ -115,20 +116,14 @@ class EffectiveRankMeter(nn.Module):
         *,
         center: bool = True,
         eps: float = RANKME_EPS,
-        sync_distributed: bool = False,
+        gather_distributed: bool = False,
         process_group: Any = None,
     ) -> None:
         super().__init__()
-        if isinstance(dim, bool) or not isinstance(dim, int):
-            raise TypeError(f"dim must be an int, got {type(dim).__name__} {dim!r}")
-        if dim < 1:
-            raise ValueError(f"dim must be a positive feature dimension, got {dim}")
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
-            raise ValueError(f"eps must be a float >= 0, got {eps!r}")
-        self.dim = dim
-        self.center = bool(center)
-        self.eps = float(eps)
-        self.sync_distributed = bool(sync_distributed)
+        self.dim = check_number(dim, "dim", low=1, integer=True)
+        self.center = check_bool(center, "center")
+        self.eps = check_number(eps, "eps", low=0)
+        self.gather_distributed = check_bool(gather_distributed, "gather_distributed")
         self.process_group = process_group
         self.register_buffer("count", torch.zeros((), dtype=torch.int64))
         self.register_buffer("mean", torch.zeros(dim, dtype=torch.float64))
@@ -181,17 +176,19 @@ class EffectiveRankMeter(nn.Module):
         self.m2.zero_()
 
     def _global_state(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if not self.sync_distributed:
+        if not self.gather_distributed:
             return self.count, self.mean, self.m2
         # two rounds keep the merge exact and stable: the global mean first, then each
         # process's scatter about that mean
-        count = all_reduce_(self.count.clone(), group=self.process_group)
+        count = all_reduce_(self.count.clone(), process_group=self.process_group)
         total = count.to(torch.float64).clamp(min=1.0)
-        mean = all_reduce_(self.mean * self.count.to(torch.float64), group=self.process_group)
+        mean = all_reduce_(
+            self.mean * self.count.to(torch.float64), process_group=self.process_group
+        )
         mean = mean / total
         delta = self.mean - mean
         local = self.m2 + torch.outer(delta, delta) * self.count.to(torch.float64)
-        return count, mean, all_reduce_(local, group=self.process_group)
+        return count, mean, all_reduce_(local, process_group=self.process_group)
 
     @torch.no_grad()
     def compute(self) -> RankResult:
@@ -202,7 +199,7 @@ class EffectiveRankMeter(nn.Module):
             spectrum (largest first), the effective rank, RankMe and the sample count.
 
         Raises:
-            ValueError: if fewer than 2 samples have been seen (over all processes when synced),
+            ValueError: if fewer than 2 samples have been seen (over all processes when gathered),
                 or if the accumulated moments hold NaN/Inf (a batch with NaN/Inf was fed while
                 the value checks were off).
 

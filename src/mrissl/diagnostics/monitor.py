@@ -5,20 +5,19 @@ from __future__ import annotations
 import itertools
 import math
 import warnings
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
+from mrissl._checks import check_bool, check_number
 from mrissl.diagnostics.floor import CollapseFloor
 from mrissl.diagnostics.meter import EffectiveRankMeter
 
 __all__ = ["CollapseMonitor", "CollapseStatus"]
 
 
-@dataclass(frozen=True)
-class CollapseStatus:
+class CollapseStatus(NamedTuple):
     """The verdict of a [`CollapseMonitor`][mrissl.diagnostics.CollapseMonitor].
 
     Attributes:
@@ -74,7 +73,7 @@ class CollapseMonitor(nn.Module):
         patience: number of consecutive falling windows that count as a steady fall.
         min_drop: relative fall over those windows needed to flag it.
         center: passed to the meter (spectrum of the covariance).
-        sync_distributed: merge features of all processes when a window ends.
+        gather_distributed: merge features of all processes when a window ends.
         warn: issue a warning when a collapse is first flagged.
 
     Examples:
@@ -103,32 +102,22 @@ class CollapseMonitor(nn.Module):
         patience: int = 4,
         min_drop: float = 0.1,
         center: bool = True,
-        sync_distributed: bool = False,
+        gather_distributed: bool = False,
         warn: bool = True,
     ) -> None:
         super().__init__()
         if isinstance(floor, CollapseFloor):
             floor = floor.floor
-        if floor is not None and (isinstance(floor, bool) or not isinstance(floor, (int, float))):
-            raise TypeError(f"floor must be a float, a CollapseFloor or None, got {floor!r}")
-        if floor is not None and not (math.isfinite(floor) and floor >= 0):
-            raise ValueError(f"floor must be a finite value >= 0, got {floor!r}")
-        for name, value in (("tolerance", tolerance), ("min_drop", min_drop)):
-            if not value >= 0:
-                raise ValueError(f"{name} must be >= 0, got {value!r}")
-        if not 0 < rank_fraction <= 1:
-            raise ValueError(f"rank_fraction must be in (0, 1], got {rank_fraction!r}")
-        for name, count in (("window", window), ("patience", patience)):
-            if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {count!r}")
-        self.floor = None if floor is None else float(floor)
-        self.tolerance = float(tolerance)
-        self.rank_fraction = float(rank_fraction)
-        self.window = window
-        self.patience = patience
-        self.min_drop = float(min_drop)
-        self.warn = warn
-        self.meter = EffectiveRankMeter(dim, center=center, sync_distributed=sync_distributed)
+        self.floor = None if floor is None else check_number(floor, "floor", low=0)
+        self.tolerance = check_number(tolerance, "tolerance", low=0)
+        self.rank_fraction = check_number(
+            rank_fraction, "rank_fraction", low=0, low_open=True, high=1
+        )
+        self.window = check_number(window, "window", low=1, integer=True)
+        self.patience = check_number(patience, "patience", low=1, integer=True)
+        self.min_drop = check_number(min_drop, "min_drop", low=0)
+        self.warn = check_bool(warn, "warn")
+        self.meter = EffectiveRankMeter(dim, center=center, gather_distributed=gather_distributed)
         self.steps = 0
         # the window's running loss lives on the loss's device and is read only at a window's
         # end, so update() never synchronises (not persistent: get_extra_state saves it)

@@ -32,7 +32,7 @@ import warnings
 
 import torch
 
-from mrissl._checks import check_floating, check_tensor
+from mrissl._checks import check_bool, check_floating, check_number, check_tensor
 from mrissl._settings import values_checked
 
 __all__ = ["effective_rank", "rankme", "singular_values", "std_of_l2_normalized"]
@@ -104,6 +104,7 @@ def singular_values(z: torch.Tensor, *, center: bool = True) -> torch.Tensor:
         >>> singular_values(torch.randn(2, 16, 8)).shape  # 32 tokens of dimension 8
         torch.Size([8])
     """
+    check_bool(center, "center")
     matrix = _feature_matrix(z, "z").to(torch.float64)
     _warn_if_capped(matrix.shape[0], matrix.shape[1], center)
     if center:
@@ -115,6 +116,7 @@ def singular_values(z: torch.Tensor, *, center: bool = True) -> torch.Tensor:
 def _spectrum(z_or_spectrum: torch.Tensor, center: bool, name: str) -> torch.Tensor:
     """Singular values of features, or a validated float64 copy of a given spectrum."""
     check_tensor(z_or_spectrum, name, ndim=(1, 2, 3))
+    check_bool(center, "center")
     if z_or_spectrum.ndim > 1:
         return singular_values(z_or_spectrum, center=center)
     check_floating(z_or_spectrum, name)
@@ -205,12 +207,9 @@ def rankme(
         >>> float(rankme(s)) > 2.0  # the two empty directions add a little
         True
     """
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
-        raise TypeError(f"eps must be a float, got {type(eps).__name__} {eps!r}")
-    if not eps >= 0:
-        raise ValueError(f"eps must be >= 0, got {eps!r}")
+    eps = check_number(eps, "eps", low=0)
     # Garrido et al. (2023), eqs. 1-2
-    return _entropy_rank(_spectrum(z_or_spectrum, center, "z_or_spectrum"), float(eps))
+    return _entropy_rank(_spectrum(z_or_spectrum, center, "z_or_spectrum"), eps)
 
 
 def std_of_l2_normalized(z: torch.Tensor) -> torch.Tensor:

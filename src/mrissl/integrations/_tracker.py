@@ -33,7 +33,7 @@ class RankTracker:
         name: the name of the features when a single tensor is given.
         prefix: put in front of every logged name (``"train/"``).
         center, eps: passed to each [`EffectiveRankMeter`][mrissl.diagnostics.EffectiveRankMeter].
-        sync_distributed: merge the meters over ``torch.distributed`` processes before reading.
+        gather_distributed: merge the meters over ``torch.distributed`` processes before reading.
         monitor: a [`CollapseMonitor`][mrissl.diagnostics.CollapseMonitor] stepped with the loss
             and the features of every update.
         monitor_on: which named features the monitor sees, when there are several.
@@ -46,7 +46,7 @@ class RankTracker:
         prefix: str,
         center: bool,
         eps: float,
-        sync_distributed: bool,
+        gather_distributed: bool,
         monitor: CollapseMonitor | None,
         monitor_on: str | None,
     ) -> None:
@@ -60,12 +60,12 @@ class RankTracker:
                 f"{type(monitor).__name__}"
             )
         # checked here so that a bad value fails at construction, not at the first batch
-        EffectiveRankMeter(1, center=center, eps=eps)
+        EffectiveRankMeter(1, center=center, eps=eps, gather_distributed=gather_distributed)
         self.name = name
         self.prefix = prefix
         self.center = center
         self.eps = eps
-        self.sync_distributed = sync_distributed
+        self.gather_distributed = gather_distributed
         self.monitor = monitor
         self.monitor_on = monitor_on
         self.meters: dict[str, EffectiveRankMeter] = {}
@@ -92,7 +92,7 @@ class RankTracker:
                     z.shape[-1],
                     center=self.center,
                     eps=self.eps,
-                    sync_distributed=self.sync_distributed,
+                    gather_distributed=self.gather_distributed,
                 )
                 self.meters[key] = meter
             meter.update(z)

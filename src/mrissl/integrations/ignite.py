@@ -67,7 +67,7 @@ class EffectiveRankHandler:
     ``engine.state.metrics`` (where MONAI's ``StatsHandler`` and ``TensorBoardStatsHandler``,
     attached after this handler, pick them up), optionally written to ``logger``, and reset.
     Under ``torch.distributed`` the meters merge their moments over all processes first
-    (``sync_distributed``), so every process gets the value of the global epoch.
+    (``gather_distributed``), so every process gets the value of the global epoch.
 
     Names in ``engine.state.metrics``, with ``prefix`` in front: ``<name>/effective_rank`` and
     ``<name>/rankme`` (floats) for each feature, and with a ``monitor``, ``collapse/complete``
@@ -82,7 +82,7 @@ class EffectiveRankHandler:
         prefix: put in front of every metric name.
         center: subtract the running mean (spectrum of the covariance).
         eps: the ``ε`` of RankMe.
-        sync_distributed: merge over all processes before reading (a no-op without a group).
+        gather_distributed: merge over all processes before reading (a no-op without a group).
         monitor: a [`CollapseMonitor`][mrissl.diagnostics.CollapseMonitor] stepped every
             iteration with ``loss(engine)`` and the features.
         monitor_on: the features the monitor watches, when ``features`` gives several.
@@ -109,7 +109,7 @@ class EffectiveRankHandler:
         prefix: str = "",
         center: bool = True,
         eps: float = RANKME_EPS,
-        sync_distributed: bool = True,
+        gather_distributed: bool = True,
         monitor: CollapseMonitor | None = None,
         monitor_on: str | None = None,
         loss: Callable[[Engine], Any] | None = None,
@@ -130,7 +130,7 @@ class EffectiveRankHandler:
             prefix=prefix,
             center=center,
             eps=eps,
-            sync_distributed=sync_distributed,
+            gather_distributed=gather_distributed,
             monitor=monitor,
             monitor_on=monitor_on,
         )

@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 import torch
 
+from mrissl._checks import check_choice
 from mrissl.diagnostics import CollapseMonitor
 from mrissl.diagnostics.spectrum import RANKME_EPS
 from mrissl.integrations._tracker import RankTracker, require
@@ -32,7 +33,7 @@ class EffectiveRankCallback(Callback):
     host synchronisation); at the end of the epoch the meter is read, the values are logged
     with ``pl_module.log`` (so every Lightning logger, the progress bar and ``ModelCheckpoint``
     see them) and the meter starts over. Under DDP the meters merge their moments over all
-    processes before they are read (``sync_distributed``), so every process logs the spectrum
+    processes before they are read (``gather_distributed``), so every process logs the spectrum
     of the global epoch, equal to one process seeing every batch.
 
     Logged names, with ``prefix`` in front: ``<name>/effective_rank`` and ``<name>/rankme``
@@ -52,10 +53,10 @@ class EffectiveRankCallback(Callback):
         prefix: put in front of every logged name; default ``"train/"`` or ``"val/"``.
         center: subtract the running mean (spectrum of the covariance).
         eps: the ``ε`` of RankMe.
-        sync_distributed: merge over all DDP processes before reading (a no-op without one).
+        gather_distributed: merge over all DDP processes before reading (a no-op without one).
         monitor: a [`CollapseMonitor`][mrissl.diagnostics.CollapseMonitor] stepped every
             training batch with the loss (``outputs["loss"]`` or the returned tensor) and the
-            features; give it ``sync_distributed=True`` under DDP as well.
+            features; give it ``gather_distributed=True`` under DDP as well.
         monitor_on: the features the monitor watches, when ``features`` gives several.
         prog_bar: also show the values in the progress bar.
 
@@ -95,14 +96,13 @@ class EffectiveRankCallback(Callback):
         prefix: str | None = None,
         center: bool = True,
         eps: float = RANKME_EPS,
-        sync_distributed: bool = True,
+        gather_distributed: bool = True,
         monitor: CollapseMonitor | None = None,
         monitor_on: str | None = None,
         prog_bar: bool = False,
     ) -> None:
         super().__init__()
-        if stage not in ("train", "validation"):
-            raise ValueError(f"stage must be 'train' or 'validation', got {stage!r}")
+        check_choice(stage, "stage", ("train", "validation"))
         if not (isinstance(features, str) or callable(features)):
             raise TypeError(
                 f"features must be a function (pl_module, batch, outputs) -> tensor or a name, "
@@ -117,7 +117,7 @@ class EffectiveRankCallback(Callback):
             prefix=("train/" if stage == "train" else "val/") if prefix is None else prefix,
             center=center,
             eps=eps,
-            sync_distributed=sync_distributed,
+            gather_distributed=gather_distributed,
             monitor=monitor,
             monitor_on=monitor_on,
         )

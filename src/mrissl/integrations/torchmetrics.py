@@ -83,7 +83,7 @@ class EffectiveRank(Metric):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        meter = EffectiveRankMeter(dim, center=center, eps=eps, sync_distributed=False)
+        meter = EffectiveRankMeter(dim, center=center, eps=eps, gather_distributed=False)
         # not a submodule: its buffers are views of `moments`, which torchmetrics owns
         object.__setattr__(self, "_meter", meter)
         self.dim = dim

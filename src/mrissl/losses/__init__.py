@@ -13,13 +13,14 @@ synchronises with the device), and those that need the global batch take ``gathe
 from mrissl.losses.barlow_twins import BarlowTwinsLoss, barlow_twins
 from mrissl.losses.consistency import consistency_loss
 from mrissl.losses.info_nce import InfoNCELoss, info_nce
-from mrissl.losses.pyramid import PyramidBarlowTwinsLoss, pyramid_barlow_twins
+from mrissl.losses.pyramid import PyramidBarlowTwinsLoss, PyramidLoss, pyramid_barlow_twins
 from mrissl.losses.reconstruction import masked_reconstruction_loss
 
 __all__ = [
     "BarlowTwinsLoss",
     "InfoNCELoss",
     "PyramidBarlowTwinsLoss",
+    "PyramidLoss",
     "barlow_twins",
     "consistency_loss",
     "info_nce",

@@ -7,7 +7,6 @@ fp16 autocast a matrix product would otherwise be recomputed in half precision.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Any
@@ -48,23 +47,6 @@ def check_same_shape(a: torch.Tensor, b: torch.Tensor, name_a: str, name_b: str)
             f"{name_a} and {name_b} must have the same shape, got {tuple(a.shape)} and "
             f"{tuple(b.shape)}"
         )
-
-
-def check_positive(value: Any, name: str, *, allow_zero: bool = False) -> float:
-    """A finite real number > 0 (or >= 0 with ``allow_zero``)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
-    number = float(value)
-    if not math.isfinite(number) or number < 0 or (number == 0 and not allow_zero):
-        want = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"{name} must be a finite number {want}, got {number!r}")
-    return number
-
-
-def check_choice(value: Any, name: str, choices: tuple[str, ...]) -> None:
-    """Raise ``ValueError`` when ``value`` is not one of ``choices``."""
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
 
 
 def raise_if_not_finite(loss: torch.Tensor, **inputs: torch.Tensor | None) -> torch.Tensor:

@@ -35,6 +35,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from mrissl._checks import check_bool, check_choice, check_number
 from mrissl.distributed import (
     all_gather,
     all_reduce,
@@ -43,9 +44,7 @@ from mrissl.distributed import (
     is_distributed,
 )
 from mrissl.losses._common import (
-    check_choice,
     check_features,
-    check_positive,
     check_same_shape,
     compute_dtype,
     frobenius_sq_of_product,
@@ -230,11 +229,52 @@ def barlow_twins(
         >>> loss.shape, bool(loss > 0)
         (torch.Size([]), True)
     """
+    lam = _check_config(mode, lambda_offdiag, batch_mode, scale_by_size, eps, gather_distributed)
+    return _barlow_twins(
+        z_a,
+        z_b,
+        mode=mode,
+        lam=lam,
+        batch_mode=batch_mode,
+        scale_by_size=scale_by_size,
+        eps=eps,
+        gather_distributed=gather_distributed,
+    )
+
+
+def _check_config(
+    mode: str,
+    lambda_offdiag: float | None,
+    batch_mode: str,
+    scale_by_size: bool,
+    eps: float,
+    gather_distributed: bool,
+) -> float:
+    """Validate the configuration of a Barlow Twins loss; return the resolved λ."""
     check_choice(mode, "mode", ("feature", "token"))
     check_choice(batch_mode, "batch_mode", ("per_sample", "joint"))
+    check_bool(scale_by_size, "scale_by_size")
+    check_bool(gather_distributed, "gather_distributed")
+    check_number(eps, "eps", low=0, low_open=True)
     lam = _DEFAULT_LAMBDA[mode] if lambda_offdiag is None else lambda_offdiag
-    lam = check_positive(lam, "lambda_offdiag", allow_zero=True)
-    eps = check_positive(eps, "eps")
+    return check_number(lam, "lambda_offdiag", low=0)
+
+
+def _barlow_twins(
+    z_a: torch.Tensor,
+    z_b: torch.Tensor,
+    *,
+    mode: str,
+    lam: float,
+    batch_mode: str,
+    scale_by_size: bool,
+    eps: float,
+    gather_distributed: bool,
+) -> torch.Tensor:
+    """[`barlow_twins`][mrissl.losses.barlow_twins] for a validated configuration.
+
+    Checks the tensors (every call) but not the configuration (checked once by the caller).
+    """
     check_features(z_a, "z_a", ndim=(2, 3) if mode == "feature" else 3)
     check_features(z_b, "z_b", ndim=(2, 3) if mode == "feature" else 3)
     check_same_shape(z_a, z_b, "z_a", "z_b")
@@ -245,9 +285,9 @@ def barlow_twins(
     with no_autocast(z_a):
         a, b = z_a.to(dtype), z_b.to(dtype)
         if mode == "feature":
-            loss, size = _feature_mode(a, b, lam, eps, gather_distributed)
+            loss, size = _feature_mode(a, b, lam, float(eps), gather_distributed)
         else:
-            loss, size = _token_mode(a, b, lam, eps, batch_mode, gather_distributed)
+            loss, size = _token_mode(a, b, lam, float(eps), batch_mode, gather_distributed)
         if scale_by_size:
             loss = loss / size
     return raise_if_not_finite(loss, z_a=z_a, z_b=z_b)
@@ -256,7 +296,8 @@ def barlow_twins(
 class BarlowTwinsLoss(nn.Module):
     """Barlow Twins loss as a module.
 
-    Holds the configuration and calls [`barlow_twins`][mrissl.losses.barlow_twins].
+    Holds the configuration, validated once here, and computes
+    [`barlow_twins`][mrissl.losses.barlow_twins] with it.
 
     Args:
         mode: ``"feature"`` (Barlow Twins, ``D × D`` feature correlation) or ``"token"``
@@ -281,19 +322,17 @@ class BarlowTwinsLoss(nn.Module):
     def __init__(
         self,
         mode: Mode = "feature",
-        lambda_offdiag: float | None = None,
         *,
+        lambda_offdiag: float | None = None,
         batch_mode: BatchMode = "per_sample",
         scale_by_size: bool = False,
         eps: float = 1e-6,
         gather_distributed: bool = False,
     ) -> None:
         super().__init__()
-        check_choice(mode, "mode", ("feature", "token"))
-        check_choice(batch_mode, "batch_mode", ("per_sample", "joint"))
-        if lambda_offdiag is not None:
-            check_positive(lambda_offdiag, "lambda_offdiag", allow_zero=True)
-        check_positive(eps, "eps")
+        self._lam = _check_config(
+            mode, lambda_offdiag, batch_mode, scale_by_size, eps, gather_distributed
+        )
         self.mode: Mode = mode
         self.lambda_offdiag = lambda_offdiag
         self.batch_mode: BatchMode = batch_mode
@@ -303,11 +342,11 @@ class BarlowTwinsLoss(nn.Module):
 
     def forward(self, z_a: torch.Tensor, z_b: torch.Tensor) -> torch.Tensor:
         """Return the loss of ``z_a`` and ``z_b``: ``(B, D)``, ``(B, N, D)`` or ``(B, N, E)``."""
-        return barlow_twins(
+        return _barlow_twins(
             z_a,
             z_b,
             mode=self.mode,
-            lambda_offdiag=self.lambda_offdiag,
+            lam=self._lam,
             batch_mode=self.batch_mode,
             scale_by_size=self.scale_by_size,
             eps=self.eps,

@@ -16,8 +16,8 @@ from typing import Literal
 
 import torch
 
+from mrissl._checks import check_choice
 from mrissl.losses._common import (
-    check_choice,
     check_features,
     check_same_shape,
     compute_dtype,
@@ -30,14 +30,14 @@ __all__ = ["consistency_loss"]
 
 
 def consistency_loss(
-    f1: torch.Tensor, f2: torch.Tensor, *, metric: Literal["l2", "mse"] = "l2"
+    z_a: torch.Tensor, z_b: torch.Tensor, *, metric: Literal["l2", "mse"] = "l2"
 ) -> torch.Tensor:
     """Distance between the features of two copies of the same cases (BrainMVP supp. eq. 7).
 
     Args:
-        f1: ``(B, ...)`` features of the first copy, any trailing shape (pooled ``(B, E)``,
+        z_a: ``(B, ...)`` features of the first copy, any trailing shape (pooled ``(B, E)``,
             tokens ``(B, N, E)`` or feature maps ``(B, E, d, h, w)``).
-        f2: the features of the second copy, the same shape.
+        z_b: the features of the second copy, the same shape.
         metric: ``"l2"``: the Euclidean norm of the difference of each case, averaged over the
             batch (the paper). ``"mse"``: the mean squared difference over all entries.
 
@@ -51,23 +51,23 @@ def consistency_loss(
             with the value checks on (``mrissl.set_checks``).
 
     Examples:
-        >>> f1 = torch.zeros(2, 3)
-        >>> f2 = torch.tensor([[3.0, 4.0, 0.0], [0.0, 0.0, 1.0]])
-        >>> consistency_loss(f1, f2)  # (5 + 1) / 2
+        >>> z_a = torch.zeros(2, 3)
+        >>> z_b = torch.tensor([[3.0, 4.0, 0.0], [0.0, 0.0, 1.0]])
+        >>> consistency_loss(z_a, z_b)  # (5 + 1) / 2
         tensor(3.)
-        >>> consistency_loss(f1, f2, metric="mse")  # (9 + 16 + 1) / 6
+        >>> consistency_loss(z_a, z_b, metric="mse")  # (9 + 16 + 1) / 6
         tensor(4.3333)
     """
-    check_features(f1, "f1", ndim=tuple(range(1, 9)))
-    check_features(f2, "f2", ndim=tuple(range(1, 9)))
-    check_same_shape(f1, f2, "f1", "f2")
+    check_features(z_a, "z_a", ndim=tuple(range(1, 9)))
+    check_features(z_b, "z_b", ndim=tuple(range(1, 9)))
+    check_same_shape(z_a, z_b, "z_a", "z_b")
     check_choice(metric, "metric", ("l2", "mse"))
-    dtype = compute_dtype(f1, f2)
-    with no_autocast(f1):
-        diff = (f1.to(dtype) - f2.to(dtype)).reshape(f1.shape[0], -1)
+    dtype = compute_dtype(z_a, z_b)
+    with no_autocast(z_a):
+        diff = (z_a.to(dtype) - z_b.to(dtype)).reshape(z_a.shape[0], -1)
         if metric == "mse":
             loss = diff.square().mean()
         else:  # BrainMVP supplement eq. 7; the norm of rows scaled to max 1: no overflow
             norm = l2_norm(diff, dim=1)
             loss = norm.mean()
-    return raise_if_not_finite(loss, f1=f1, f2=f2)
+    return raise_if_not_finite(loss, z_a=z_a, z_b=z_b)

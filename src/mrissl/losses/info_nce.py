@@ -21,11 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mrissl._checks import check_bool, check_number
 from mrissl._settings import values_checked
 from mrissl.distributed import all_gather, all_reduce, gather_sizes, is_distributed, rank
 from mrissl.losses._common import (
     check_features,
-    check_positive,
     check_same_shape,
     compute_dtype,
     l2_normalize,
@@ -48,12 +48,12 @@ def _check_temperature(temperature: float | torch.Tensor) -> None:
         if values_checked() and not bool(temperature.detach() > 0):
             raise ValueError(f"temperature must be > 0, got {temperature.item()}")
     else:
-        check_positive(temperature, "temperature")
+        check_number(temperature, "temperature", low=0, low_open=True)
 
 
 def info_nce(
-    a: torch.Tensor,
-    b: torch.Tensor,
+    z_a: torch.Tensor,
+    z_b: torch.Tensor,
     *,
     temperature: float | torch.Tensor = 0.1,
     symmetric: bool = True,
@@ -63,20 +63,20 @@ def info_nce(
 ) -> torch.Tensor:
     """InfoNCE between paired embeddings, symmetric by default (BrainMVP eqs. 4 and 5; CLIP).
 
-    Row ``i`` of ``a`` and row ``i`` of ``b`` are a positive pair; every other row of the other
+    Row ``i`` of ``z_a`` and row ``i`` of ``z_b`` are a positive pair; every other row of the other
     view (and every row of ``negatives``) is a negative. The loss is the mean over samples of
-    the cross-entropy of the logits ``a_i·b_j / τ``, averaged over both directions when
+    the cross-entropy of the logits ``z_a_i·z_b_j / τ``, averaged over both directions when
     ``symmetric``. Memory is ``O(B²)`` (plus ``O(B·K)`` for ``K`` extra negatives).
 
     Args:
-        a: ``(B, E)`` embeddings of the first view (BrainMVP: ``f``, cross-modal filled).
-        b: ``(B, E)`` embeddings of the second view (BrainMVP: ``g``, template filled).
+        z_a: ``(B, E)`` embeddings of the first view (BrainMVP: ``f``, cross-modal filled).
+        z_b: ``(B, E)`` embeddings of the second view (BrainMVP: ``g``, template filled).
         temperature: τ > 0, a number or a one-element tensor (a learnable temperature).
-        symmetric: average ``a → b`` and ``b → a`` (CLIP, BrainMVP eq. 5); ``False`` gives
-            ``a → b`` only.
+        symmetric: average ``z_a → z_b`` and ``z_b → z_a`` (CLIP, BrainMVP eq. 5); ``False``
+            gives ``z_a → z_b`` only.
         negatives: optional ``(K, E)`` extra negatives, candidates in both directions, for
             example a queue of embeddings from earlier batches (pass them detached).
-        normalize: L2-normalise ``a``, ``b`` and ``negatives`` first (cosine similarity). With
+        normalize: L2-normalize ``z_a``, ``z_b`` and ``negatives`` first (cosine similarity). With
             ``False`` the dot products of the given embeddings are used.
         gather_distributed: use every process's samples as candidates. The value and the
             (DDP-averaged) gradients are those of one process holding the whole batch.
@@ -98,21 +98,46 @@ def info_nce(
         >>> bool(aligned < unrelated), bool(unrelated > 1.0)
         (True, True)
     """
-    check_features(a, "a", ndim=2)
-    check_features(b, "b", ndim=2)
-    check_same_shape(a, b, "a", "b")
     _check_temperature(temperature)
+    check_bool(symmetric, "symmetric")
+    check_bool(normalize, "normalize")
+    check_bool(gather_distributed, "gather_distributed")
+    return _info_nce(
+        z_a,
+        z_b,
+        temperature=temperature,
+        symmetric=symmetric,
+        negatives=negatives,
+        normalize=normalize,
+        gather_distributed=gather_distributed,
+    )
+
+
+def _info_nce(
+    z_a: torch.Tensor,
+    z_b: torch.Tensor,
+    *,
+    temperature: float | torch.Tensor,
+    symmetric: bool,
+    negatives: torch.Tensor | None,
+    normalize: bool,
+    gather_distributed: bool,
+) -> torch.Tensor:
+    """[`info_nce`][mrissl.losses.info_nce] for a validated configuration (tensors checked)."""
+    check_features(z_a, "z_a", ndim=2)
+    check_features(z_b, "z_b", ndim=2)
+    check_same_shape(z_a, z_b, "z_a", "z_b")
     if negatives is not None:
         check_features(negatives, "negatives", ndim=2)
-        if negatives.shape[1] != a.shape[1]:
+        if negatives.shape[1] != z_a.shape[1]:
             raise ValueError(
-                f"negatives must have the embedding width of a and b ({a.shape[1]}), got shape "
-                f"{tuple(negatives.shape)}"
+                f"negatives must have the embedding width of z_a and z_b ({z_a.shape[1]}), got "
+                f"shape {tuple(negatives.shape)}"
             )
 
-    dtype = compute_dtype(a, b, *(() if negatives is None else (negatives,)))
-    with no_autocast(a):
-        x, y = a.to(dtype), b.to(dtype)
+    dtype = compute_dtype(z_a, z_b, *(() if negatives is None else (negatives,)))
+    with no_autocast(z_a):
+        x, y = z_a.to(dtype), z_b.to(dtype)
         extra = None if negatives is None else negatives.to(dtype)
         if normalize:
             # cosines at any magnitude: the norms are taken of rows scaled to max |x| = 1
@@ -148,22 +173,22 @@ def info_nce(
                 logits_ba = (y @ _candidates(x_all).T) * inv_tau
             loss = 0.5 * (loss + F.cross_entropy(logits_ba, labels, reduction="sum"))
         loss = (all_reduce(loss) if distributed else loss) / n_total
-    return raise_if_not_finite(loss, a=a, b=b, negatives=negatives)
+    return raise_if_not_finite(loss, z_a=z_a, z_b=z_b, negatives=negatives)
 
 
 class InfoNCELoss(nn.Module):
     """Symmetric InfoNCE as a module, with an optional learnable temperature.
 
-    Holds the configuration (and the temperature parameter) and calls
-    [`info_nce`][mrissl.losses.info_nce].
+    Holds the configuration (validated once here) and the temperature parameter, and computes
+    [`info_nce`][mrissl.losses.info_nce] with them.
 
     Args:
         temperature: τ > 0; the initial value when learnable.
         learnable_temperature: learn ``log τ`` as a parameter (CLIP). τ is then clamped to at
             least ``min_temperature`` (CLIP clamps the logit scale ``1/τ`` at 100).
         gather_distributed: use every process's samples as negatives, with gradients.
-        symmetric: average both directions (default) or use ``a → b`` only.
-        normalize: L2-normalise the embeddings first.
+        symmetric: average both directions (default) or use ``z_a → z_b`` only.
+        normalize: L2-normalize the embeddings first.
         min_temperature: lower bound of a learnable τ.
 
     Attributes:
@@ -182,16 +207,20 @@ class InfoNCELoss(nn.Module):
     def __init__(
         self,
         temperature: float = 0.1,
+        *,
         learnable_temperature: bool = False,
         gather_distributed: bool = False,
-        *,
         symmetric: bool = True,
         normalize: bool = True,
         min_temperature: float = 0.01,
     ) -> None:
         super().__init__()
-        check_positive(temperature, "temperature")
-        check_positive(min_temperature, "min_temperature")
+        check_number(temperature, "temperature", low=0, low_open=True)
+        check_number(min_temperature, "min_temperature", low=0, low_open=True)
+        check_bool(learnable_temperature, "learnable_temperature")
+        check_bool(gather_distributed, "gather_distributed")
+        check_bool(symmetric, "symmetric")
+        check_bool(normalize, "normalize")
         self.log_temperature: nn.Parameter | None = None
         self._temperature = float(temperature)
         if learnable_temperature:
@@ -209,15 +238,16 @@ class InfoNCELoss(nn.Module):
         return self.log_temperature.exp().clamp_min(self.min_temperature)
 
     def forward(
-        self, a: torch.Tensor, b: torch.Tensor, negatives: torch.Tensor | None = None
+        self, z_a: torch.Tensor, z_b: torch.Tensor, negatives: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Return the loss of ``a: (B, E)`` and ``b: (B, E)``, optional ``(K, E)`` negatives."""
+        """Return the loss of ``z_a: (B, E)`` and ``z_b: (B, E)``, optional ``(K, E)`` negatives."""
+        # a learnable τ is positive by construction (exp of log τ, clamped): nothing to check
         tau: float | torch.Tensor = (
             self._temperature if self.log_temperature is None else self.temperature
         )
-        return info_nce(
-            a,
-            b,
+        return _info_nce(
+            z_a,
+            z_b,
             temperature=tau,
             symmetric=self.symmetric,
             negatives=negatives,

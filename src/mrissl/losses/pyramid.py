@@ -11,7 +11,7 @@ levels (blocks ``12/L · l``, [`pyramid_levels`][mrissl.nn.pyramid_levels]) the 
 By default (``reduction="mean"``) each ``L^l`` is divided by the number of entries of its
 matrix, ``N²``: the mean squared distance of ``C^l`` from the identity, a number in ``[0, 1]``
 for any ``N`` (plus at most ``3/N`` on the diagonal), the scale of a mean-squared reconstruction
-loss, so that ``loss = loss + pbt(full, masked)`` balances the two terms. The weights of eq. 8
+loss, so that ``loss = loss + pbt(z_a, z_b)`` balances the two terms. The weights of eq. 8
 are unchanged. ``reduction="sum"`` is eq. 8 as printed; the losses guide says when to use it.
 
 Two kinds of encoders are covered. A full-token encoder (SimMIM, E-MIM) sees every position in
@@ -24,20 +24,33 @@ still compares one patch position in both views.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal, overload
+from typing import Literal, NamedTuple, overload
 
 import torch
 from torch import nn
 
-from mrissl._checks import as_index, check_index, check_tensor
+from mrissl._checks import as_index, check_choice, check_index, check_number, check_tensor
 from mrissl._settings import values_checked
-from mrissl.losses._common import check_choice, check_positive
-from mrissl.losses.barlow_twins import BatchMode, Mode, barlow_twins
+from mrissl.losses.barlow_twins import BatchMode, Mode, _barlow_twins, _check_config
 from mrissl.nn import gather_tokens
 
-__all__ = ["PyramidBarlowTwinsLoss", "pyramid_barlow_twins"]
+__all__ = ["PyramidBarlowTwinsLoss", "PyramidLoss", "pyramid_barlow_twins"]
 
 Reduction = Literal["mean", "sum"]
+
+
+class PyramidLoss(NamedTuple):
+    """The pyramid Barlow Twins loss with its parts (``return_levels=True``).
+
+    Attributes:
+        total: the scalar ``Σ_l w_l L^l`` (E-MIM eq. 7), the value to back-propagate.
+        per_level: ``(L,)`` the unweighted level losses ``L^l`` in level order, each reduced as
+            ``reduction`` says; for logging (both keep their graph). A module's level names are
+            in ``PyramidBarlowTwinsLoss.levels``: ``dict(zip(pbt.levels, per_level))``.
+    """
+
+    total: torch.Tensor
+    per_level: torch.Tensor
 
 
 def _check_reduction(reduction: str, scale_by_size: bool) -> None:
@@ -46,6 +59,13 @@ def _check_reduction(reduction: str, scale_by_size: bool) -> None:
         raise ValueError(
             "scale_by_size=True divides each level by N and reduction='mean' by N²; pass "
             "reduction='sum' with scale_by_size=True, or reduction='mean' alone"
+        )
+
+
+def _check_level_count(n_a: int, n_b: int) -> None:
+    if n_a == 0 or n_a != n_b:
+        raise ValueError(
+            f"z_a and z_b must hold the same, non-zero number of levels, got {n_a} and {n_b}"
         )
 
 
@@ -69,12 +89,48 @@ def _check_weights(
         raise TypeError(f"weights must be a sequence of numbers, got {type(weights).__name__}")
     if len(weights) != levels:
         raise ValueError(f"weights must have one entry per level ({levels}), got {len(weights)}")
-    return [check_positive(w, f"weights[{i}]", allow_zero=True) for i, w in enumerate(weights)]
+    return [check_number(w, f"weights[{i}]", low=0) for i, w in enumerate(weights)]
+
+
+@overload
+def pyramid_barlow_twins(
+    z_a: Sequence[torch.Tensor],
+    z_b: Sequence[torch.Tensor],
+    *,
+    keep: torch.Tensor | None = ...,
+    weights: Sequence[float] | torch.Tensor | None = ...,
+    mode: Mode = ...,
+    lambda_offdiag: float | None = ...,
+    batch_mode: BatchMode = ...,
+    scale_by_size: bool = ...,
+    eps: float = ...,
+    gather_distributed: bool = ...,
+    reduction: Reduction = ...,
+    return_levels: Literal[False] = ...,
+) -> torch.Tensor: ...
+
+
+@overload
+def pyramid_barlow_twins(
+    z_a: Sequence[torch.Tensor],
+    z_b: Sequence[torch.Tensor],
+    *,
+    keep: torch.Tensor | None = ...,
+    weights: Sequence[float] | torch.Tensor | None = ...,
+    mode: Mode = ...,
+    lambda_offdiag: float | None = ...,
+    batch_mode: BatchMode = ...,
+    scale_by_size: bool = ...,
+    eps: float = ...,
+    gather_distributed: bool = ...,
+    reduction: Reduction = ...,
+    return_levels: Literal[True],
+) -> PyramidLoss: ...
 
 
 def pyramid_barlow_twins(
-    full: Sequence[torch.Tensor],
-    masked: Sequence[torch.Tensor],
+    z_a: Sequence[torch.Tensor],
+    z_b: Sequence[torch.Tensor],
     *,
     keep: torch.Tensor | None = None,
     weights: Sequence[float] | torch.Tensor | None = None,
@@ -85,16 +141,18 @@ def pyramid_barlow_twins(
     eps: float = 1e-6,
     gather_distributed: bool = False,
     reduction: Reduction = "mean",
-) -> tuple[torch.Tensor, torch.Tensor]:
+    return_levels: bool = False,
+) -> torch.Tensor | PyramidLoss:
     """Pyramid Barlow Twins loss (E-MIM eqs. 4–8): the weighted sum of per-level losses.
 
     Args:
-        full: ``L`` tensors ``(B, N, E_l)``, the features of the full image at each level (an
-            [`IntermediateFeatures`][mrissl.nn.IntermediateFeatures] works as is).
-        masked: ``L`` tensors, the masked image's features at the same levels: ``(B, N, E_l)``
-            from a full-token encoder, or ``(B, K, E_l)`` from a token-dropping encoder.
+        z_a: the full view: ``L`` tensors ``(B, N, E_l)``, the features of the full image at
+            each level (an [`IntermediateFeatures`][mrissl.nn.IntermediateFeatures] works as is).
+        z_b: the masked view: ``L`` tensors, the masked image's features at the same levels:
+            ``(B, N, E_l)`` from a full-token encoder, or ``(B, K, E_l)`` from a
+            token-dropping encoder.
         keep: ``(B, K)`` int64 positions of the tokens the masked view kept, for a
-            token-dropping encoder; ``full`` is gathered at them. ``None``: every position.
+            token-dropping encoder; ``z_a`` is gathered at them. ``None``: every position.
         weights: ``L`` non-negative level weights ``w_l``; ``None`` gives 1 (eq. 7).
         mode: ``"token"`` (E-MIM, ``N × N`` over positions) or ``"feature"``.
         lambda_offdiag: off-diagonal weight; ``None``: 1.0 in token mode (eq. 8).
@@ -106,10 +164,12 @@ def pyramid_barlow_twins(
         reduction: ``"mean"`` divides each level's eq. 8 by the number of entries of its
             matrix (``N²`` in token mode, ``D²`` in feature mode), so that it is on the scale
             of a mean-squared reconstruction loss; ``"sum"`` is eq. 8 as printed.
+        return_levels: also return the unweighted level losses, as a
+            [`PyramidLoss`][mrissl.losses.PyramidLoss].
 
     Returns:
-        ``(total, per_level)``: the scalar ``Σ_l w_l L^l`` and the ``(L,)`` unweighted level
-        losses, each reduced as ``reduction`` says (for logging; both keep their graph).
+        The scalar ``Σ_l w_l L^l``; with ``return_levels=True`` a
+        [`PyramidLoss`][mrissl.losses.PyramidLoss] ``(total, per_level)``.
 
     Raises:
         ValueError: naming the argument and the level, for different numbers of levels,
@@ -120,24 +180,59 @@ def pyramid_barlow_twins(
         >>> g = torch.Generator().manual_seed(0)
         >>> full = [torch.randn(2, 27, 16, generator=g) for _ in range(4)]  # 4 × (B, N, E)
         >>> masked = [z + 0.1 * torch.randn(z.shape, generator=g) for z in full]
-        >>> total, per_level = pyramid_barlow_twins(full, masked)
+        >>> total, per_level = pyramid_barlow_twins(full, masked, return_levels=True)
         >>> per_level.shape, bool(torch.isclose(total, per_level.sum()))
         (torch.Size([4]), True)
-        >>> as_printed, _ = pyramid_barlow_twins(full, masked, reduction="sum")  # eq. 8
+        >>> as_printed = pyramid_barlow_twins(full, masked, reduction="sum")  # eq. 8
         >>> bool(torch.isclose(as_printed, 27**2 * total))
         True
     """
-    full, masked = list(full), list(masked)
-    if len(full) == 0 or len(full) != len(masked):
-        raise ValueError(
-            f"full and masked must hold the same, non-zero number of levels, got {len(full)} "
-            f"and {len(masked)}"
-        )
-    w = _check_weights(weights, len(full))
+    lam = _check_config(mode, lambda_offdiag, batch_mode, scale_by_size, eps, gather_distributed)
     _check_reduction(reduction, scale_by_size)
+    full, masked = list(z_a), list(z_b)
+    _check_level_count(len(full), len(masked))
+    w = _check_weights(weights, len(full))
+    result = _pyramid_barlow_twins(
+        full,
+        masked,
+        keep=keep,
+        weights=w,
+        mode=mode,
+        lam=lam,
+        batch_mode=batch_mode,
+        scale_by_size=scale_by_size,
+        eps=eps,
+        gather_distributed=gather_distributed,
+        reduction=reduction,
+    )
+    return result if return_levels else result.total
+
+
+def _pyramid_barlow_twins(
+    z_a: Sequence[torch.Tensor],
+    z_b: Sequence[torch.Tensor],
+    *,
+    keep: torch.Tensor | None,
+    weights: list[float] | torch.Tensor,
+    mode: str,
+    lam: float,
+    batch_mode: str,
+    scale_by_size: bool,
+    eps: float,
+    gather_distributed: bool,
+    reduction: str,
+) -> PyramidLoss:
+    """[`pyramid_barlow_twins`][mrissl.losses.pyramid_barlow_twins] for a validated configuration.
+
+    Checks the level tensors (every call), not the configuration (checked once by the caller).
+    """
+    full, masked = list(z_a), list(z_b)
+    _check_level_count(len(full), len(masked))
+    if len(weights) != len(full):
+        raise ValueError(f"weights must have one entry per level ({len(full)}), got {len(weights)}")
     losses = []
     for level, (z, z_m) in enumerate(zip(full, masked, strict=True)):
-        for name, t in (("full", z), ("masked", z_m)):
+        for name, t in (("z_a", z), ("z_b", z_m)):
             if not isinstance(t, torch.Tensor) or t.ndim != 3:
                 shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
                 raise ValueError(f"{name}[{level}] must be a (B, N, E) tensor, got {shape}")
@@ -146,51 +241,51 @@ def pyramid_barlow_twins(
             check_tensor(keep, "keep", ndim=2)
             if z_m.shape[1] != keep.shape[-1]:
                 raise ValueError(
-                    f"masked[{level}] must hold one token per kept position: keep has shape "
-                    f"{tuple(keep.shape)}, masked[{level}] has shape {tuple(z_m.shape)}"
+                    f"z_b[{level}] must hold one token per kept position: keep has shape "
+                    f"{tuple(keep.shape)}, z_b[{level}] has shape {tuple(z_m.shape)}"
                 )
             check_index(keep, "keep", z.shape[0], z.shape[1])
             z = gather_tokens(z, keep)
         if z.shape != z_m.shape:
             hint = "" if keep is not None else " (pass keep= for a token-dropping encoder)"
             raise ValueError(
-                f"full[{level}] and masked[{level}] must have the same shape, got "
+                f"z_a[{level}] and z_b[{level}] must have the same shape, got "
                 f"{tuple(z.shape)} and {tuple(z_m.shape)}{hint}"
             )
         try:
-            loss = barlow_twins(
+            loss = _barlow_twins(
                 z,
                 z_m,
                 mode=mode,
-                lambda_offdiag=lambda_offdiag,
+                lam=lam,
                 batch_mode=batch_mode,
                 scale_by_size=scale_by_size,
                 eps=eps,
                 gather_distributed=gather_distributed,
             )
         except ValueError as err:
-            msg = str(err).replace("z_a", f"full[{level}]").replace("z_b", f"masked[{level}]")
+            msg = str(err).replace("z_a", f"z_a[{level}]").replace("z_b", f"z_b[{level}]")
             raise ValueError(msg) from err
         if reduction == "mean":  # eq. 8 over the entries of C: N² positions or D² features
             size = z.shape[1] if mode == "token" else z.shape[-1]
             loss = loss / (size * size)
         losses.append(loss)
     per_level = torch.stack(losses)
-    if isinstance(w, torch.Tensor):
-        total = (w.to(per_level) * per_level).sum()
+    if isinstance(weights, torch.Tensor):
+        total = (weights.to(per_level) * per_level).sum()
     else:
         total = sum(
-            (wl * loss for wl, loss in zip(w, losses, strict=True)), per_level.new_zeros(())
+            (wl * loss for wl, loss in zip(weights, losses, strict=True)), per_level.new_zeros(())
         )
-    return total, per_level
+    return PyramidLoss(total, per_level)
 
 
 class PyramidBarlowTwinsLoss(nn.Module):
     """E-MIM's pyramid Barlow Twins loss as a module.
 
-    Holds the configuration and calls
-    [`pyramid_barlow_twins`][mrissl.losses.pyramid_barlow_twins]. To add it to an existing
-    masked autoencoder, capture the block outputs of both views with
+    Holds the configuration, validated once here, and computes
+    [`pyramid_barlow_twins`][mrissl.losses.pyramid_barlow_twins] with it. To add it to an
+    existing masked autoencoder, capture the block outputs of both views with
     [`capture_intermediates`][mrissl.nn.capture_intermediates] and write
     ``loss = loss + pbt(full_feats, masked_feats)``.
 
@@ -211,7 +306,7 @@ class PyramidBarlowTwinsLoss(nn.Module):
             printed, for ``masked_reconstruction_loss(..., reduction="sum")``, E-MIM eq. 10).
 
     Attributes:
-        levels: the level names: block numbers, or ``1 … L``.
+        levels: the level names: block numbers, or ``1 … L``, in the order of ``per_level``.
 
     Examples:
         >>> from mrissl.nn import pyramid_levels
@@ -222,15 +317,15 @@ class PyramidBarlowTwinsLoss(nn.Module):
         >>> loss = torch.tensor(0.5)  # e.g. the reconstruction loss
         >>> loss = loss + pbt(full, masked)
         >>> total, per_level = pbt(full, masked, return_levels=True)
-        >>> sorted(per_level)  # block numbers -> unweighted level losses
+        >>> sorted(dict(zip(pbt.levels, per_level)))  # block numbers -> unweighted level losses
         [3, 6, 9, 12]
     """
 
     def __init__(
         self,
         levels: int | Sequence[int] = 4,
-        weights: Sequence[float] | torch.Tensor | None = None,
         *,
+        weights: Sequence[float] | torch.Tensor | None = None,
         mode: Mode = "token",
         lambda_offdiag: float | None = None,
         batch_mode: BatchMode = "per_sample",
@@ -247,12 +342,10 @@ class PyramidBarlowTwinsLoss(nn.Module):
             raise ValueError(
                 f"levels must be a positive int or distinct block numbers, got {levels!r}"
             )
-        check_choice(mode, "mode", ("feature", "token"))
-        check_choice(batch_mode, "batch_mode", ("per_sample", "joint"))
-        check_positive(eps, "eps")
+        self._lam = _check_config(
+            mode, lambda_offdiag, batch_mode, scale_by_size, eps, gather_distributed
+        )
         _check_reduction(reduction, scale_by_size)
-        if lambda_offdiag is not None:
-            check_positive(lambda_offdiag, "lambda_offdiag", allow_zero=True)
         self.levels: list[int] = names
         if isinstance(weights, torch.Tensor):  # configuration: read once, here
             weights = [float(w) for w in weights.detach().flatten().tolist()]
@@ -268,8 +361,8 @@ class PyramidBarlowTwinsLoss(nn.Module):
     @overload
     def forward(
         self,
-        full: Sequence[torch.Tensor],
-        masked: Sequence[torch.Tensor],
+        z_a: Sequence[torch.Tensor],
+        z_b: Sequence[torch.Tensor],
         keep: torch.Tensor | None = ...,
         *,
         return_levels: Literal[False] = ...,
@@ -278,52 +371,53 @@ class PyramidBarlowTwinsLoss(nn.Module):
     @overload
     def forward(
         self,
-        full: Sequence[torch.Tensor],
-        masked: Sequence[torch.Tensor],
+        z_a: Sequence[torch.Tensor],
+        z_b: Sequence[torch.Tensor],
         keep: torch.Tensor | None = ...,
         *,
         return_levels: Literal[True],
-    ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]: ...
+    ) -> PyramidLoss: ...
 
     def forward(
         self,
-        full: Sequence[torch.Tensor],
-        masked: Sequence[torch.Tensor],
+        z_a: Sequence[torch.Tensor],
+        z_b: Sequence[torch.Tensor],
         keep: torch.Tensor | None = None,
         *,
         return_levels: bool = False,
-    ) -> torch.Tensor | tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    ) -> torch.Tensor | PyramidLoss:
         """Return ``L_PBT`` for the level features of both views.
 
         Args:
-            full: ``L`` tensors ``(B, N, E_l)`` of the full image.
-            masked: ``L`` tensors ``(B, N, E_l)``, or ``(B, K, E_l)`` with ``keep``.
+            z_a: the full view, ``L`` tensors ``(B, N, E_l)``.
+            z_b: the masked view, ``L`` tensors ``(B, N, E_l)``, or ``(B, K, E_l)`` with
+                ``keep``.
             keep: ``(B, K)`` int64 kept positions of a token-dropping encoder's masked view.
-            return_levels: also return ``{level: unweighted loss}`` for logging.
+            return_levels: also return the unweighted level losses, in the order of
+                ``self.levels``.
 
         Returns:
-            The scalar total, or ``(total, per_level)`` with ``return_levels=True``.
+            The scalar total, or a [`PyramidLoss`][mrissl.losses.PyramidLoss]
+            ``(total, per_level)`` with ``return_levels=True``.
         """
-        if len(full) != len(self.levels):
+        if len(z_a) != len(self.levels):
             raise ValueError(
-                f"full must hold {len(self.levels)} levels (levels={self.levels}), got {len(full)}"
+                f"z_a must hold {len(self.levels)} levels (levels={self.levels}), got {len(z_a)}"
             )
-        total, per_level = pyramid_barlow_twins(
-            full,
-            masked,
+        result = _pyramid_barlow_twins(
+            z_a,
+            z_b,
             keep=keep,
             weights=self.weights,
             mode=self.mode,
-            lambda_offdiag=self.lambda_offdiag,
+            lam=self._lam,
             batch_mode=self.batch_mode,
             scale_by_size=self.scale_by_size,
             eps=self.eps,
             gather_distributed=self.gather_distributed,
             reduction=self.reduction,
         )
-        if not return_levels:
-            return total
-        return total, dict(zip(self.levels, per_level.unbind(), strict=True))
+        return result if return_levels else result.total
 
     def extra_repr(self) -> str:
         """The configuration, shown in ``repr(module)``."""

@@ -24,9 +24,8 @@ from typing import Literal
 import torch
 from einops import rearrange
 
-from mrissl._checks import check_tensor
+from mrissl._checks import check_bool, check_choice, check_tensor
 from mrissl.losses._common import (
-    check_choice,
     check_features,
     compute_dtype,
     no_autocast,
@@ -139,6 +138,7 @@ def masked_reconstruction_loss(
     check_features(pred, "pred", ndim=(3, 4, 5))
     check_choice(on, "on", ("masked", "all"))
     check_choice(reduction, "reduction", ("mean", "sum"))
+    check_bool(norm_pix, "norm_pix")
     B, C = target.shape[:2]
     if pred.shape[0] != B:
         raise ValueError(

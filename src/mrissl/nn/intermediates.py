@@ -23,6 +23,8 @@ from typing import Any, overload
 import torch
 from torch import nn
 
+from mrissl._checks import check_number
+
 __all__ = ["IntermediateFeatures", "capture_intermediates", "find_blocks", "pyramid_levels"]
 
 # Wrappers that keep their encoder in one attribute: MONAI SwinUNETR (`swinViT`), UNETR (`vit`).
@@ -59,9 +61,8 @@ def pyramid_levels(depth: int = 12, levels: int = 4) -> list[int]:
         >>> pyramid_levels(24, 3)
         [8, 16, 24]
     """
-    for name, value in (("depth", depth), ("levels", levels)):
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    check_number(depth, "depth", low=1, integer=True)
+    check_number(levels, "levels", low=1, integer=True)
     if levels > depth:
         raise ValueError(f"levels must be at most depth ({depth}), got {levels}")
     return [math.ceil(depth * level / levels) for level in range(1, levels + 1)]
@@ -168,7 +169,7 @@ class IntermediateFeatures(Sequence[torch.Tensor]):
         ([2, 1], 2, (3, 5, 4), [None, None])
     """
 
-    def __init__(self, indices: Sequence[int], num_prefix_tokens: int) -> None:
+    def __init__(self, indices: Sequence[int], *, num_prefix_tokens: int) -> None:
         self.indices = list(indices)
         self.num_prefix_tokens = num_prefix_tokens
         self._features: dict[int, torch.Tensor] = {}
@@ -357,8 +358,7 @@ def capture_intermediates(
         indices = range(1, depth + 1)
     resolved: list[int] = []
     for i in indices:
-        if isinstance(i, bool) or not isinstance(i, int):
-            raise TypeError(f"indices must be ints, got {type(i).__name__} {i!r}")
+        check_number(i, "indices", integer=True)
         if i == 0 or not -depth <= i <= depth:
             raise ValueError(
                 f"indices must be block numbers in 1..{depth} (1-based, as in E-MIM) or "
@@ -369,10 +369,10 @@ def capture_intermediates(
         raise ValueError(f"indices must not repeat a block, got {list(indices)}")
     if num_prefix_tokens is None:
         num_prefix_tokens = _detect_prefix_tokens(encoder)
-    elif num_prefix_tokens < 0:
-        raise ValueError(f"num_prefix_tokens must be >= 0, got {num_prefix_tokens}")
+    else:
+        check_number(num_prefix_tokens, "num_prefix_tokens", low=0, integer=True)
 
-    features = IntermediateFeatures(resolved, num_prefix_tokens)
+    features = IntermediateFeatures(resolved, num_prefix_tokens=num_prefix_tokens)
     handles = []
     try:
         for index in resolved:

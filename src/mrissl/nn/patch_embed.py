@@ -29,7 +29,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mrissl._checks import Triple, check_floating, check_tensor, to_triple
+from mrissl._checks import (
+    Triple,
+    check_bool,
+    check_choice,
+    check_floating,
+    check_number,
+    check_tensor,
+    to_triple,
+)
 from mrissl.nn.patches import Layout, grid_size, patchify
 
 if TYPE_CHECKING:
@@ -83,7 +91,9 @@ class PatchEmbed3d(nn.Module):
         >>> embed = PatchEmbed3d(img_size=96, patch_size=16, in_chans=4, embed_dim=96)
         >>> embed(torch.randn(2, 4, 96, 96, 96)).shape
         torch.Size([2, 216, 96])
-        >>> per_mod = PatchEmbed3d(96, 16, in_chans=4, embed_dim=96, layout="per_modality")
+        >>> per_mod = PatchEmbed3d(
+        ...     96, patch_size=16, in_chans=4, embed_dim=96, layout="per_modality"
+        ... )
         >>> per_mod(torch.randn(2, 4, 96, 96, 96)).shape
         torch.Size([2, 864, 96])
 
@@ -99,6 +109,7 @@ class PatchEmbed3d(nn.Module):
     def __init__(
         self,
         img_size: int | Sequence[int] | None = 96,
+        *,
         patch_size: int | Sequence[int] = 16,
         in_chans: int = 1,
         embed_dim: int = 768,
@@ -108,7 +119,6 @@ class PatchEmbed3d(nn.Module):
         bias: bool = True,
         strict_img_size: bool = True,
         dynamic_img_pad: bool = False,
-        *,
         layout: Layout = "stacked",
         modality_embed: bool = True,
         shared_proj: bool = True,
@@ -117,20 +127,25 @@ class PatchEmbed3d(nn.Module):
     ) -> None:
         super().__init__()
         factory: dict[str, Any] = {"device": device, "dtype": dtype}
-        _check_positive_int(in_chans, "in_chans")
-        _check_positive_int(embed_dim, "embed_dim")
-        if layout not in ("stacked", "per_modality"):
-            raise ValueError(f"layout must be 'stacked' or 'per_modality', got {layout!r}")
+        check_number(in_chans, "in_chans", low=1, integer=True)
+        check_number(embed_dim, "embed_dim", low=1, integer=True)
+        check_choice(layout, "layout", ("stacked", "per_modality"))
+        for name, flag in (
+            ("flatten", flatten),
+            ("bias", bias),
+            ("strict_img_size", strict_img_size),
+            ("dynamic_img_pad", dynamic_img_pad),
+            ("modality_embed", modality_embed),
+            ("shared_proj", shared_proj),
+        ):
+            check_bool(flag, name)
         #: built by a timm ViT with dynamic_img_size=True (output_fmt="NHWC")
         self.timm_dynamic = output_fmt == "NHWC"
         #: set by adapt_timm_vit once the ViT resamples its position embedding in 3D
         self.adapted_for_timm = False
         if output_fmt is not None:
-            if output_fmt not in ("NCDHW", "NDHWC", "NHWC"):
-                raise ValueError(
-                    f"output_fmt must be 'NCDHW', 'NDHWC' or None ('NHWC' from timm's "
-                    f"dynamic_img_size=True), got {output_fmt!r}"
-                )
+            # "NHWC" comes from timm's dynamic_img_size=True (class docstring)
+            check_choice(output_fmt, "output_fmt", ("NCDHW", "NDHWC", "NHWC"))
             flatten = False
         self.patch_size: Triple = to_triple(patch_size, "patch_size")
         self.in_chans = in_chans
@@ -397,10 +412,3 @@ def _check_img_size_from_timm(img_size: Any, caller: FrameType | None) -> None:
             f"through the layer instead, {_FOR_TIMM} with no img_size for create_model "
             f"(here PatchEmbed3d.for_timm({size})), or img_size=<int> for a cube"
         )
-
-
-def _check_positive_int(value: Any, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    if value <= 0:
-        raise ValueError(f"{name} must be positive, got {value}")

@@ -22,7 +22,7 @@ from typing import Literal
 import torch
 from einops import rearrange
 
-from mrissl._checks import Triple, check_tensor, to_triple
+from mrissl._checks import Triple, check_choice, check_tensor, to_triple
 
 __all__ = ["Layout", "grid_size", "patchify", "unpatchify"]
 
@@ -63,11 +63,6 @@ def grid_size(img_size: int | Sequence[int], patch_size: int | Sequence[int]) ->
     return size[0] // patch[0], size[1] // patch[1], size[2] // patch[2]
 
 
-def _check_layout(layout: str) -> None:
-    if layout not in ("per_modality", "stacked"):
-        raise ValueError(f"layout must be 'per_modality' or 'stacked', got {layout!r}")
-
-
 def patchify(
     volume: torch.Tensor, patch_size: int | Sequence[int], *, layout: Layout = "per_modality"
 ) -> torch.Tensor:
@@ -93,7 +88,7 @@ def patchify(
         torch.Size([2, 64, 1024])
     """
     check_tensor(volume, "volume", ndim=5)
-    _check_layout(layout)
+    check_choice(layout, "layout", ("per_modality", "stacked"))
     p0, p1, p2 = to_triple(patch_size, "patch_size")
     grid_size(volume.shape[2:], (p0, p1, p2))
     pattern = _PER_MODALITY if layout == "per_modality" else _STACKED

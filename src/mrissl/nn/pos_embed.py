@@ -23,7 +23,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from mrissl._checks import to_triple
+from mrissl._checks import check_bool, check_choice, check_number, to_triple
 
 __all__ = ["resample_pos_embed_3d", "sincos_pos_embed_3d"]
 
@@ -31,8 +31,8 @@ __all__ = ["resample_pos_embed_3d", "sincos_pos_embed_3d"]
 def sincos_pos_embed_3d(
     grid: int | Sequence[int],
     dim: int,
-    spacing: float | Sequence[float] | None = None,
     *,
+    spacing: float | Sequence[float] | None = None,
     patch_size: int | Sequence[int] = 1,
     temperature: float = 10000.0,
     device: torch.device | str | None = None,
@@ -71,8 +71,7 @@ def sincos_pos_embed_3d(
         torch.Size([384, 96])
     """
     gd, gh, gw = to_triple(grid, "grid")
-    if isinstance(dim, bool) or not isinstance(dim, int):
-        raise TypeError(f"dim must be an int, got {type(dim).__name__}")
+    check_number(dim, "dim", integer=True)
     if dim <= 0 or dim % 6:
         lower, upper = 6 * (dim // 6), 6 * (dim // 6 + 1)
         hint = f"; the nearest valid sizes are {lower} and {upper}" if lower > 0 else ""
@@ -80,8 +79,7 @@ def sincos_pos_embed_3d(
             f"dim must be a positive multiple of 6 to split evenly into a sine and a cosine "
             f"half for each of 3 axes, got {dim}{hint}"
         )
-    if not temperature > 0:
-        raise ValueError(f"temperature must be positive, got {temperature}")
+    check_number(temperature, "temperature", low=0, low_open=True)
     patch = to_triple(patch_size, "patch_size")
     if spacing is None:
         step = (1.0, 1.0, 1.0)
@@ -106,17 +104,17 @@ def sincos_pos_embed_3d(
 
 
 def _spacing_triple(spacing: float | Sequence[float]) -> tuple[float, float, float]:
-    if isinstance(spacing, (int, float)) and not isinstance(spacing, bool):
-        values: tuple[float, ...] = (float(spacing),) * 3
-    elif isinstance(spacing, Sequence) and len(spacing) == 3:
-        values = tuple(float(s) for s in spacing)
+    if isinstance(spacing, Sequence):
+        if len(spacing) != 3:
+            raise ValueError(
+                f"spacing must be a positive number or 3 positive numbers (millimetres), got "
+                f"{spacing!r}"
+            )
+        items: Sequence[object] = spacing
     else:
-        raise ValueError(
-            f"spacing must be a positive number or 3 positive numbers, got {spacing!r}"
-        )
-    if not all(v > 0 and v < float("inf") for v in values):
-        raise ValueError(f"spacing must be positive and finite (millimetres), got {spacing!r}")
-    return values[0], values[1], values[2]
+        items = (spacing, spacing, spacing)
+    sd, sh, sw = (check_number(s, "spacing", low=0, low_open=True) for s in items)
+    return sd, sh, sw
 
 
 def resample_pos_embed_3d(
@@ -163,16 +161,10 @@ def resample_pos_embed_3d(
     """
     new = to_triple(new_grid, "new_grid")
     old = to_triple(old_grid, "old_grid")
-    if mode not in ("trilinear", "nearest", "nearest-exact", "area"):
-        raise ValueError(
-            f"mode must be 'trilinear', 'nearest', 'nearest-exact' or 'area', got {mode!r}"
-        )
-    for value, name, least in (
-        (num_prefix_tokens, "num_prefix_tokens", 0),
-        (num_groups, "num_groups", 1),
-    ):
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
-            raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
+    check_choice(mode, "mode", ("trilinear", "nearest", "nearest-exact", "area"))
+    check_number(num_prefix_tokens, "num_prefix_tokens", low=0, integer=True)
+    check_number(num_groups, "num_groups", low=1, integer=True)
+    check_bool(align_corners, "align_corners")
     if not isinstance(pos_embed, torch.Tensor) or pos_embed.ndim not in (2, 3):
         raise ValueError(
             f"pos_embed must be a (1, P + G·N, E) or (P + G·N, E) tensor, got "

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import torch
 
-from mrissl._checks import as_index, check_index, check_tensor
+from mrissl._checks import as_index, check_index, check_number, check_tensor
 
 __all__ = ["gather_tokens", "scatter_tokens"]
 
@@ -62,6 +62,7 @@ def scatter_tokens(
     x: torch.Tensor,
     index: torch.Tensor,
     length: int,
+    *,
     fill: torch.Tensor | float | Sequence[float] = 0.0,
 ) -> torch.Tensor:
     """Put tokens back at their positions in a longer sequence and fill the other positions.
@@ -96,8 +97,7 @@ def scatter_tokens(
                  [1., 1., 1.]]])
     """
     check_tensor(x, "x", ndim=range(2, 8))
-    if isinstance(length, bool) or not isinstance(length, int):
-        raise TypeError(f"length must be an int, got {type(length).__name__}")
+    check_number(length, "length", low=0, integer=True)
     if length < x.shape[1]:
         raise ValueError(
             f"length must be at least the number of tokens given ({x.shape[1]}), got {length}"
