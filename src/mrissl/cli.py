@@ -584,7 +584,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     cc.add_argument("--patch-size", type=int, default=16, help="token patch size (default 16)")
     cc.add_argument("--crop", type=int, default=96, help="cubic crop size in voxels (default 96)")
-    cc.add_argument("--num-draws", type=int, default=8, help="Monte Carlo passes (default 8)")
+    cc.add_argument(
+        "--num-draws",
+        type=int,
+        default=8,
+        help="Monte Carlo masks per case (default 8; the data are read once)",
+    )
     cc.add_argument(
         "--constant",
         choices=("voxel", "modality"),
@@ -620,7 +625,9 @@ def _parser() -> argparse.ArgumentParser:
         "skipping and listing it",
     )
     cc.add_argument("--phantom-cases", type=int, default=8, help="phantom cases (default 8)")
-    cc.add_argument("--seed", type=int, default=0, help="seed of the mask draws")
+    cc.add_argument(
+        "--seed", type=int, default=0, help="seed of the mask draws (case i uses seed and i)"
+    )
     cc.add_argument("--json", action="store_true", help="print a JSON report instead of a table")
     cc.add_argument("--quiet", action="store_true", help="no progress bar")
     cc.set_defaults(run=_collapse_check)
