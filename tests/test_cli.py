@@ -420,9 +420,33 @@ def _rank_worker(me: int, port: int, root: str, queue) -> None:
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             code = main(["collapse-check", root, "--json", "--workers", "0", *IMPERFECT])
-        queue.put((me, code, out.getvalue(), err.getvalue()))
+        floor = _library_floor(gather=True)  # the process group is up again: the library call
+        queue.put((me, code, out.getvalue(), err.getvalue(), floor))
     except Exception as exc:  # reported to the test
-        queue.put((me, -1, "", repr(exc)))
+        queue.put((me, -1, "", repr(exc), None))
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _library_floor(gather: bool) -> float:
+    """collapsed_loss_floor on a Dataset, split among the processes when gathered."""
+    import torch.distributed as dist
+
+    from mrissl.diagnostics import collapsed_loss_floor
+
+    if gather and not dist.is_initialized():
+        dist.init_process_group("gloo")
+    volumes = torch.rand(7, 2, 8, 8, 8, generator=torch.Generator().manual_seed(5))
+    dataset = [
+        {"image": v, "available": torch.tensor([True, i != 3])} for i, v in enumerate(volumes)
+    ]
+    return collapsed_loss_floor(
+        dataset, RandomTokenMask(0.5), patch_size=4, num_draws=6, seed=1, batch_size=2,
+        gather_distributed=gather,
+    ).floor  # fmt: skip
 
 
 def test_two_gloo_processes_give_the_report_of_one(tmp_path, capsys):
@@ -447,8 +471,8 @@ def test_two_gloo_processes_give_the_report_of_one(tmp_path, capsys):
     results = {}
     try:
         for _ in range(WORLD):
-            me, code, out, err = queue.get(timeout=180)
-            results[me] = (code, out, err)
+            me, code, out, err, floor = queue.get(timeout=180)
+            results[me] = (code, out, err, floor)
     finally:
         for p in procs:
             p.join(timeout=30)
@@ -465,3 +489,7 @@ def test_two_gloo_processes_give_the_report_of_one(tmp_path, capsys):
     for ours, theirs in zip(report["results"], single["results"], strict=True):
         assert ours["floor"] == pytest.approx(theirs["floor"], rel=1e-6)
         assert ours["std_error"] == pytest.approx(theirs["std_error"], rel=1e-4, abs=1e-9)
+    # the library call: each process reads every other volume, all-reduce merges the sums
+    one = _library_floor(gather=False)
+    assert results[0][3] == pytest.approx(one, rel=1e-6)
+    assert results[1][3] == pytest.approx(one, rel=1e-6)

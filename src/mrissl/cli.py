@@ -561,7 +561,7 @@ _MAX_CASES = _arg.int_in(0, _arg.MAX_COUNT * 100, "a whole number of cases (0 = 
 _PHANTOM_CASES = _arg.int_in(2, _arg.MAX_COUNT, "a whole number of cases (at least 2)")
 _SEED = _arg.int_in(0, _arg.MAX_SEED, "a non-negative whole number")
 _TOP = _arg.int_in(0, _arg.MAX_COUNT, "a non-negative whole number")
-_WORKERS = _arg.int_in(0, 1024, "a non-negative whole number of loader processes")
+_WORKERS = _arg.int_in(0, 256, "a non-negative whole number of loader processes")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -626,7 +626,10 @@ def _parser() -> argparse.ArgumentParser:
         "--crop", type=_POSITIVE_SIDE, default=96, help="cubic crop size in voxels (default 96)"
     )
     cc.add_argument(
-        "--num-draws", type=_NUM_DRAWS, default=8, help="Monte Carlo passes (default 8)"
+        "--num-draws",
+        type=_NUM_DRAWS,
+        default=8,
+        help="Monte Carlo masks per case (default 8; the data are read once)",
     )
     cc.add_argument(
         "--constant",
@@ -665,7 +668,9 @@ def _parser() -> argparse.ArgumentParser:
     cc.add_argument(
         "--phantom-cases", type=_PHANTOM_CASES, default=8, help="phantom cases (default 8)"
     )
-    cc.add_argument("--seed", type=_SEED, default=0, help="seed of the mask draws")
+    cc.add_argument(
+        "--seed", type=_SEED, default=0, help="seed of the mask draws (case i uses seed and i)"
+    )
     cc.add_argument("--json", action="store_true", help="print a JSON report instead of a table")
     cc.add_argument("--quiet", action="store_true", help="no progress bar")
     cc.set_defaults(run=_collapse_check)

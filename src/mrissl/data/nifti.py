@@ -142,6 +142,18 @@ def load_case(
     if nan_policy not in ("raise", "zero"):
         raise ValueError(f"nan_policy must be 'raise' or 'zero', got {nan_policy!r}")
 
+    files, images, ref_affine = _open_case(paths, affine_atol)
+    # filled one modality at a time, so at most one decoded volume exists besides the result
+    image = torch.empty((len(files), *images[0].shape[:3]), dtype=dtype)
+    for c, ((name, path), img) in enumerate(zip(files, images, strict=True)):
+        image[c] = torch.from_numpy(_read_voxels(img, path, name, nan_policy))
+    return NiftiCase(image=image, affine=torch.from_numpy(ref_affine.copy()))
+
+
+def _open_case(
+    paths: Mapping[str, PathLike], affine_atol: float
+) -> tuple[list[tuple[str, Path]], list[Any], np.ndarray]:
+    """Open every file of a case and check that they share one grid; no voxel data read."""
     files: list[tuple[str, Path]] = []
     for name, p in paths.items():
         if not isinstance(name, str):
@@ -171,11 +183,26 @@ def load_case(
                 f"  {ref_name}: {ref_affine.round(4).tolist()}\n"
                 f"  {name}: {np.asarray(img.affine).round(4).tolist()}"
             )
-    # filled one modality at a time, so at most one decoded volume exists besides the result
-    image = torch.empty((len(files), *ref_shape), dtype=dtype)
-    for c, ((name, path), img) in enumerate(zip(files, images, strict=True)):
-        image[c] = torch.from_numpy(_read_voxels(img, path, name, nan_policy))
-    return NiftiCase(image=image, affine=torch.from_numpy(ref_affine.copy()))
+    return files, images, ref_affine
+
+
+def read_case_arrays(
+    paths: Mapping[str, PathLike], *, affine_atol: float = 1e-3
+) -> tuple[list[np.ndarray], np.ndarray]:
+    """The voxel arrays of a case as stored (integers stay integers), with ``load_case``'s checks.
+
+    For a fast path that works on the files' own layout (``(I, J, K)`` NumPy arrays, often
+    column-major) and casts only what it keeps. NaN or infinite voxels are rejected.
+
+    Returns:
+        One array per modality and the ``(4, 4)`` float64 affine.
+    """
+    files, images, ref_affine = _open_case(paths, affine_atol)
+    arrays = [
+        _read_voxels(img, path, name, "raise")
+        for (name, path), img in zip(files, images, strict=True)
+    ]
+    return arrays, ref_affine
 
 
 @dataclass(frozen=True)
