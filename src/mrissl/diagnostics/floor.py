@@ -737,9 +737,8 @@ class CollapseFloorMeter:
         # one pass over the voxels serves them all (E-MIM eq. 3 needs only these sums)
         fit = masks[: self.fit_draws]
         patches = {p for _, p in fit}
-        if len(patches) == 1 and None not in patches:
-            patch = fit[0][1]
-            assert patch is not None
+        patch = fit[0][1]
+        if len(patches) == 1 and patch is not None:  # every fit draw a token mask of one patch
             k_tok = torch.stack([m for m, _ in fit]).sum(dim=0, dtype=dtype)
             k = _to_voxels(k_tok, patch, spatial_shape)
             per_token = float(math.prod(patch))
