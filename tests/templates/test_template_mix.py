@@ -148,6 +148,23 @@ def test_monai_transform_makes_two_copies():
     assert torch.equal(again["image_view2"], out["image_view2"])
 
 
+def test_monai_transform_passes_counts_to_the_mix():
+    data = {"image": torch.rand(4, 8, 8, 8)}
+    default = TemplateMixd("image", _templates(), MODS)
+    assert default.mix.counts == "different"
+    independent = TemplateMixd("image", _templates(), MODS, counts="independent")
+    assert independent.mix.counts == "independent"
+    equal = 0
+    for seed in range(40):
+        out = default.set_random_state(seed)(data)
+        assert out["replaced"][0].sum() != out["replaced"][1].sum()  # C = 4: always different
+        out = independent.set_random_state(seed)(data)
+        equal += int(out["replaced"][0].sum() == out["replaced"][1].sum())
+    assert equal > 0  # independent draws share a count about a third of the time
+    with pytest.raises(ValueError, match="counts must be"):
+        TemplateMixd("image", _templates(), MODS, counts="same")
+
+
 @settings(max_examples=40, deadline=None)
 @given(
     present=st.lists(st.lists(st.booleans(), min_size=4, max_size=4), min_size=1, max_size=6),

@@ -11,7 +11,7 @@ worker derives its own state from PyTorch's seed of that worker, so workers and 
 from __future__ import annotations
 
 from collections.abc import Hashable, Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from monai.config.type_definitions import KeysCollection
@@ -38,6 +38,9 @@ class TemplateMixd(WorkerSeeded, MapTransform):
         modalities: the modality of each channel (any known spelling).
         max_replaced: see [`TemplateMix`][mrissl.templates.TemplateMix].
         min_replaced: see [`TemplateMix`][mrissl.templates.TemplateMix].
+        counts: ``"different"`` (default, BrainMVP supplement A: the two copies replace
+            different numbers of modalities) or ``"independent"``; see
+            [`TemplateMix`][mrissl.templates.TemplateMix].
         block_mask: the single-modality variant's [`BlockMask`][mrissl.masking.BlockMask].
         postfixes: where the two copies go.
         replaced_key: where the ``(2, C)`` choice goes.
@@ -64,6 +67,7 @@ class TemplateMixd(WorkerSeeded, MapTransform):
         *,
         max_replaced: int | None = None,
         min_replaced: int = 1,
+        counts: Literal["different", "independent"] = "different",
         block_mask: BlockMask | None = None,
         postfixes: tuple[str, str] = ("_view1", "_view2"),
         replaced_key: str = "replaced",
@@ -77,6 +81,7 @@ class TemplateMixd(WorkerSeeded, MapTransform):
             modalities,
             max_replaced=max_replaced,
             min_replaced=min_replaced,
+            counts=counts,
             block_mask=block_mask,
         )
         if len(postfixes) != 2 or postfixes[0] == postfixes[1]:
