@@ -406,7 +406,7 @@ def test_help_mentions_workers_strict_and_torchrun(capsys):
 WORLD = 2
 
 
-def _rank_worker(me: int, port: int, root: str, queue) -> None:
+def _rank_worker(me: int, port: int, library_port: int, root: str, queue) -> None:
     import contextlib
     import io
     import os
@@ -420,7 +420,10 @@ def _rank_worker(me: int, port: int, root: str, queue) -> None:
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             code = main(["collapse-check", root, "--json", "--workers", "0", *IMPERFECT])
-        floor = _library_floor(gather=True)  # the process group is up again: the library call
+        # the library call in a second process group, on a port of its own: on the command's
+        # port a fast rank could meet the other rank's store of the first group, still open
+        os.environ["MASTER_PORT"] = str(library_port)
+        floor = _library_floor(gather=True)
         queue.put((me, code, out.getvalue(), err.getvalue(), floor))
     except Exception as exc:  # reported to the test
         queue.put((me, -1, "", repr(exc), None))
@@ -450,6 +453,7 @@ def _library_floor(gather: bool) -> float:
 
 
 def test_two_gloo_processes_give_the_report_of_one(tmp_path, capsys):
+    import queue as queue_module
     import socket
 
     import torch.multiprocessing as mp
@@ -458,26 +462,36 @@ def test_two_gloo_processes_give_the_report_of_one(tmp_path, capsys):
     single = _run_json(
         capsys, ["collapse-check", str(root), "--json", "--workers", "0", *IMPERFECT]
     )
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [
-        ctx.Process(target=_rank_worker, args=(r, port, str(root), queue)) for r in range(WORLD)
-    ]
-    for p in procs:
-        p.start()
-    results = {}
-    try:
-        for _ in range(WORLD):
-            me, code, out, err, floor = queue.get(timeout=180)
-            results[me] = (code, out, err, floor)
-    finally:
+    # a free port can be taken by another process between choosing and binding it: a rank then
+    # fails to start (or waits for its peer), so the attempt is repeated on new ports
+    for _attempt in range(3):
+        with socket.socket() as s, socket.socket() as s2:
+            s.bind(("127.0.0.1", 0))
+            s2.bind(("127.0.0.1", 0))
+            ports = (s.getsockname()[1], s2.getsockname()[1])
+        queue = ctx.Queue()
+        procs = [
+            ctx.Process(target=_rank_worker, args=(r, *ports, str(root), queue))
+            for r in range(WORLD)
+        ]
         for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.terminate()
+            p.start()
+        results = {}
+        try:
+            for _ in range(WORLD):
+                me, code, out, err, floor = queue.get(timeout=120)
+                results[me] = (code, out, err, floor)
+        except queue_module.Empty:
+            results = {}
+        finally:
+            for p in procs:
+                p.join(timeout=30)
+                if p.is_alive():
+                    p.terminate()
+        if len(results) == WORLD and not any("address already in use" in r[2].lower()
+                                             for r in results.values()):  # fmt: skip
+            break
     assert results[0][0] == 0, results[0][2]
     assert results[1][0] == 0, results[1][2]
     assert results[1][1] == ""  # only rank 0 prints
