@@ -68,7 +68,7 @@ def main() -> None:
     torch.manual_seed(args.seed)
     g = torch.Generator().manual_seed(args.seed)
 
-    data = PhantomDataset(cases, shape=size, modalities=modalities, seed=args.seed)
+    data = PhantomDataset(cases, shape=size, modalities=modalities, generator=args.seed)
     volumes = torch.stack([data[i] for i in range(len(data))])  # (M, C, D, H, W) in [0, 1]
     hmp = HybridMaskPattern()  # modal 1, position 0.5, patch 0.5
     floor = collapsed_loss_floor(volumes, hmp, patch_size=patch, num_draws=4, reduction="all")

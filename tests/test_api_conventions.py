@@ -76,31 +76,6 @@ PAIRS = [
 # written (masking, templates, data, and diagnostics/floor.py); the next step of issue 14
 # converts them and empties this set. Never add to it: fix the new code instead.
 PENDING = {
-    # mrissl.data
-    "mrissl.data.Case: a dataclass result (make it a NamedTuple)",
-    "mrissl.data.FoundCases: a dataclass result (make it a NamedTuple)",
-    "mrissl.data.LoadCased.__init__: positional configuration parameter 'allow_missing_keys'",
-    "mrissl.data.PhantomDataset.__init__: parameter 'seed' (use 'generator')",
-    "mrissl.data.PhantomDataset.__init__: positional configuration parameter 'modalities'",
-    "mrissl.data.PhantomDataset.__init__: positional configuration parameter 'seed'",
-    "mrissl.data.PhantomDataset.__init__: positional configuration parameter 'shape'",
-    "mrissl.data.RandBlockMaskd.__init__: positional configuration parameter 'block_size'",
-    "mrissl.data.RandBlockMaskd.__init__: positional configuration parameter 'mask_ratio'",
-    "mrissl.data.RandHybridMaskd.__init__: positional configuration parameter 'modal'",
-    "mrissl.data.RandHybridMaskd.__init__: positional configuration parameter 'patch'",
-    "mrissl.data.RandHybridMaskd.__init__: positional configuration parameter 'patch_size'",
-    "mrissl.data.RandHybridMaskd.__init__: positional configuration parameter 'position'",
-    "mrissl.data.RandMaskd.__init__: positional configuration parameter 'mask_generator'",
-    "mrissl.data.RandMaskd.__init__: positional configuration parameter 'patch_size'",
-    "mrissl.data.RandTokenMaskd.__init__: positional configuration parameter 'mask_ratio'",
-    "mrissl.data.RandTokenMaskd.__init__: positional configuration parameter 'patch_size'",
-    "mrissl.data.TemplateMixd.__init__: positional configuration parameter 'modalities'",
-    "mrissl.data.TemplateMixd.__init__: positional configuration parameter 'templates'",
-    "mrissl.data.find_cases: parameter 'on_missing' (no on_… names)",
-    "mrissl.data.percentile_pair: returns a plain tuple (tuple[float, float])",
-    "mrissl.data.synthetic_phantom: parameter 'seed' (use 'generator')",
-    "mrissl.data.synthetic_phantom: returns a plain tuple "
-    "(torch.Tensor | tuple[torch.Tensor, torch.Tensor])",
     # mrissl.diagnostics
     "mrissl.diagnostics.CollapseFloor: a dataclass result (make it a NamedTuple)",
     "mrissl.diagnostics.CollapseFloorMeter.__init__: parameter 'seed' (use 'generator')",

@@ -169,7 +169,7 @@ def _find_folder_cases(
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            found = find_cases(folder, modalities, on_missing="ignore")
+            found = find_cases(folder, modalities, incomplete="ignore")
     except ValueError as err:
         raise CLIError(str(err)) from None
     # incomplete cases are used for the modalities they have (``available``)
