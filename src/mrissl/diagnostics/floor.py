@@ -15,7 +15,7 @@ import importlib
 import math
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Sized
-from typing import Any, Literal, NamedTuple, Protocol
+from typing import Any, Literal, NamedTuple, Protocol, runtime_checkable
 
 import torch
 import torch.distributed as dist
@@ -37,12 +37,51 @@ from mrissl.distributed import rank as _rank
 from mrissl.distributed import world_size as _world_size
 from mrissl.nn import grid_size
 
-__all__ = ["CollapseFloor", "CollapseFloorMeter", "collapsed_loss_floor"]
+__all__ = ["CollapseFloor", "CollapseFloorMeter", "FloorMaskGenerator", "collapsed_loss_floor"]
 
 Constant = Literal["voxel", "modality"]
 Over = Literal["masked", "all"]
 PatchSize = int | Sequence[int] | None
-MaskGenerator = Callable[..., torch.Tensor]
+
+
+class FloorMaskGenerator(Protocol):
+    """What [`collapsed_loss_floor`][mrissl.diagnostics.collapsed_loss_floor] calls to draw masks.
+
+    Any callable ``mask_generator(volume, patch_size, generator=generator)`` returning a bool
+    mask (True = masked) qualifies: every generator of ``mrissl.masking``, or a plain function.
+    ``volume`` is ``(B, C, D, H, W)``; the mask is a token mask ``(B, C, N)`` or ``(B, N)`` on
+    the grid of ``patch_size``, or a voxel mask ``(B, C, D, H, W)``. When the data carry
+    ``"available"``, it is also passed as ``available=``. A generator with a ``block_size``
+    attribute (BlockMask-like) may be called with ``patch_size=None``: its token masks are read
+    on the grid of its ``block_size``.
+
+    Examples:
+        >>> def first_half(volume, patch_size, generator=None):  # a voxel mask
+        ...     mask = torch.zeros(volume.shape, dtype=torch.bool)
+        ...     mask[..., : volume.shape[-1] // 2] = True
+        ...     return mask
+        >>> masks: FloorMaskGenerator = first_half
+        >>> masks(torch.rand(1, 2, 4, 4, 4), None).float().mean().item()
+        0.5
+    """
+
+    def __call__(
+        self,
+        volume: torch.Tensor,
+        patch_size: PatchSize,
+        /,
+        *,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Draw one bool mask for ``volume`` (True = masked) from ``generator``."""
+        ...
+
+
+@runtime_checkable
+class _BlockSized(Protocol):
+    """A mask generator whose tokens are its own blocks (BlockMask-like)."""
+
+    block_size: Any
 
 
 class CollapseFloor(NamedTuple):
@@ -325,7 +364,7 @@ def _token_sums(x: torch.Tensor, patch: tuple[int, int, int]) -> torch.Tensor:
 
 def collapsed_loss_floor(
     data: torch.Tensor | Dataset[Any] | Iterable[Any],
-    mask_generator: MaskGenerator,
+    mask_generator: FloorMaskGenerator,
     *,
     patch_size: PatchSize,
     num_draws: int = 10,
@@ -409,7 +448,8 @@ def collapsed_loss_floor(
             with ``volume: (B, C, D, H, W)`` (and ``available=`` when the data carry it);
             returns ``(B, C, N)`` bool token masks, ``(B, N)`` per-position masks or
             ``(B, C, D, H, W)`` bool voxel masks, True = masked (token grid of ``patch_size``,
-            raster order, depth slowest).
+            raster order, depth slowest): a
+            [`FloorMaskGenerator`][mrissl.diagnostics.FloorMaskGenerator].
         patch_size: the patch size of the token grid, an int or 3 ints; ``None`` for
             generators that use their own block size (BlockMask-like): their token masks are
             then read on the grid of the generator's ``block_size`` attribute, and voxel masks
@@ -540,7 +580,7 @@ class CollapseFloorMeter:
 
     def __init__(
         self,
-        mask_generator: MaskGenerator,
+        mask_generator: FloorMaskGenerator,
         *,
         patch_size: PatchSize,
         num_draws: int = 10,
@@ -630,8 +670,8 @@ class CollapseFloorMeter:
         """``num_draws`` masks, token ``(B, C, N)`` with their patch or voxel, True = masked."""
         extra = {} if available is None else {"available": available}
         grid_patch = self.patch_size
-        if grid_patch is None:  # BlockMask-like: tokens are the generator's own blocks
-            grid_patch = getattr(self.mask_generator, "block_size", None)
+        if grid_patch is None and isinstance(self.mask_generator, _BlockSized):
+            grid_patch = self.mask_generator.block_size  # tokens: the generator's own blocks
         if self.seed is None or index is None:
             return [
                 _as_mask(
