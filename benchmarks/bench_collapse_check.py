@@ -62,7 +62,7 @@ def _head(seed: int, shape: tuple[int, int, int]) -> np.ndarray:
 
     torch.set_num_threads(1)
     half = tuple(s // 2 for s in shape)  # simulated at half resolution, then upsampled
-    image = synthetic_phantom(half, ("t1", "t1ce", "t2", "flair"), seed=seed, noise=0.0)
+    image = synthetic_phantom(half, ("t1", "t1ce", "t2", "flair"), generator=seed, noise=0.0)
     full = torch.nn.functional.interpolate(image[None], size=shape, mode="trilinear")[0]
     return full.numpy()
 

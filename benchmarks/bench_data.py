@@ -42,7 +42,7 @@ MODALITIES = ("t1", "t1ce", "t2", "flair")
 
 
 def write_case(folder: Path, size: int) -> dict[str, Path]:
-    image = synthetic_phantom(size, MODALITIES, seed=0).numpy()
+    image = synthetic_phantom(size, MODALITIES, generator=0).numpy()
     affine = np.diag([1.0, 1.0, 1.0, 1.0])
     paths = {}
     for name, channel in zip(MODALITIES, image, strict=True):
@@ -73,7 +73,7 @@ def cases(quick: bool, device: torch.device, folder: Path) -> Iterator[Case]:
         )
         yield Case(
             name=f"phantom {size}³ x4",
-            ours=lambda size=size: synthetic_phantom(size, MODALITIES, seed=1, device=device),
+            ours=lambda size=size: synthetic_phantom(size, MODALITIES, generator=1, device=device),
             baseline=lambda paths=paths: load_case(paths).image.to(device),
             description=(
                 f"simulate a (4, {size}, {size}, {size}) phantom on {device.type}; baseline "

@@ -66,7 +66,7 @@ def main() -> None:
 
     # a batch of cases: each a random crop of one phantom head, all four modalities kept for
     # the cross-modal fill; the input of case b is its modality mods[b]
-    heads = torch.stack([synthetic_phantom(head, MODALITIES, seed=i) for i in range(batch)])
+    heads = torch.stack([synthetic_phantom(head, MODALITIES, generator=i) for i in range(batch)])
     offsets = torch.randint(0, head - crop + 1, (batch, 3), generator=g)
     crops = torch.stack(
         [

@@ -18,7 +18,7 @@ Every step:
    the losses guide).
 
 Every few steps it prints the two losses, the complete-collapse floor of this data and masking
-(estimated once at the start, ``collapsed_loss_floor(..., reduction="all")``: the whole-image
+(estimated once at the start, ``collapsed_loss_floor(..., on="all")``: the whole-image
 MSE of a model that copies the visible voxels and outputs the dataset's mean image at the
 masked ones) and the effective rank of the last block's token features collected since the
 last report (``EffectiveRankMeter``).
@@ -68,10 +68,10 @@ def main() -> None:
     torch.manual_seed(args.seed)
     g = torch.Generator().manual_seed(args.seed)
 
-    data = PhantomDataset(cases, shape=size, modalities=modalities, seed=args.seed)
+    data = PhantomDataset(cases, shape=size, modalities=modalities, generator=args.seed)
     volumes = torch.stack([data[i] for i in range(len(data))])  # (M, C, D, H, W) in [0, 1]
     hmp = HybridMaskPattern()  # modal 1, position 0.5, patch 0.5
-    floor = collapsed_loss_floor(volumes, hmp, patch_size=patch, num_draws=4, reduction="all")
+    floor = collapsed_loss_floor(volumes, hmp, patch_size=patch, num_draws=4, on="all")
 
     encoder = VisionTransformer(
         img_size=size,

@@ -51,11 +51,11 @@ MODALITIES = ("t1", "t1ce", "t2", "flair")
 def load_volumes(args: argparse.Namespace, n: int, seed: int) -> torch.Tensor:
     """``(n, C, S, S, S)`` volumes in [0, 1]: phantoms, or NIfTI cases resampled to ``S``."""
     if args.data is None:
-        data = PhantomDataset(n, shape=args.size, modalities=MODALITIES, seed=seed)
+        data = PhantomDataset(n, shape=args.size, modalities=MODALITIES, generator=seed)
         return torch.stack([data[i] for i in range(n)])
     from mrissl.data import find_cases, preprocessing
 
-    cases = list(find_cases(args.data, MODALITIES, on_missing="ignore"))
+    cases = list(find_cases(args.data, MODALITIES, incomplete="ignore").cases)
     if len(cases) < 4:
         raise SystemExit(f"--data {args.data}: need at least 4 complete cases, got {len(cases)}")
     pipeline = preprocessing(load=True, crop="center", roi_size=args.crop)

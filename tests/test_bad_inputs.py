@@ -706,7 +706,13 @@ ROWS: list[Row] = [
         ValueError,
         "modalities",
     ),
-    Row("data", "phantom seed as text", lambda: synthetic_phantom(8, seed="x"), TypeError, "seed"),  # type: ignore[arg-type]
+    Row(
+        "data",
+        "phantom generator as text",
+        lambda: synthetic_phantom(8, generator="x"),
+        TypeError,
+        "generator",
+    ),  # type: ignore[arg-type]
     Row(
         "data",
         "phantom negative noise",

@@ -74,7 +74,9 @@ def phantom_png() -> bytes:
     """Two rows (axial, coronal) of one slice per modality, then the label map."""
     from mrissl.data import synthetic_phantom
 
-    image, labels = synthetic_phantom(SIZE, MODALITIES, SEED, lesions=1, return_labels=True)
+    image, labels = synthetic_phantom(
+        SIZE, MODALITIES, generator=SEED, lesions=1, return_labels=True
+    )
     img, lab = image.numpy(), labels.numpy()
     # the axial and coronal slices through the lesion's centre (RAS axes: x, y, z)
     lesion = np.argwhere(lab >= 7)

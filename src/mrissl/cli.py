@@ -169,7 +169,7 @@ def _find_folder_cases(
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            found = find_cases(folder, modalities, on_missing="ignore")
+            found = find_cases(folder, modalities, incomplete="ignore")
     except ValueError as err:
         raise CLIError(str(err)) from None
     # incomplete cases are used for the modalities they have (``available``)
@@ -256,7 +256,7 @@ def _collapse_check_run(
             patch_size=spec.patch_size,
             num_draws=args.num_draws,
             constant=args.constant,
-            reduction=args.reduction,
+            on=args.on,
             seed=args.seed,
             gather_distributed=True,
         )
@@ -308,7 +308,7 @@ def _collapse_check_run(
         "processes": run.processes,
         "patch_size": args.patch_size,
         "constant": args.constant,
-        "reduction": args.reduction,
+        "on": args.on,
         "num_draws": args.num_draws,
         "reference_loss": args.reference_loss,
         "results": rows,
@@ -348,7 +348,7 @@ def _print_table(report: dict[str, Any]) -> None:
     print(
         f"Complete-collapse floor Var(x_m) (E-MIM eq. 3) on {report['source']}, "
         f"patch {report['patch_size']}, constant per {report['constant']}, "
-        f"mean over {report['reduction']} voxels"
+        f"mean over {report['on']} voxels"
     )
     counts = ", ".join(f"{m} {n}" for m, n in report["per_modality_cases"].items())
     skipped = f", {len(report['skipped'])} skipped" if report["skipped"] else ""
@@ -639,7 +639,7 @@ def _parser() -> argparse.ArgumentParser:
         "whole or centred volumes), or one per modality (pretraining on random crops)",
     )
     cc.add_argument(
-        "--reduction",
+        "--on",
         choices=("masked", "all"),
         default="masked",
         help="masked: a model ignoring its input (default); all: one copying visible voxels",

@@ -51,13 +51,15 @@ def _token():
 
 
 def _generic():
-    return RandMaskd("image", RandomTokenMask(0.5), patch_size=4), "mask", 2
+    return RandMaskd("image", mask_generator=RandomTokenMask(0.5), patch_size=4), "mask", 2
 
 
 def _template_mix():
     # one modality: the single-modality variant fills random template blocks in each copy
-    templates = ModalityTemplates(["t1"], 16, init=-1.0)
-    mix = TemplateMixd("image", templates, ["t1"], block_mask=BlockMask(4, 0.5))
+    templates = ModalityTemplates(["t1"], shape=16, init=-1.0)
+    mix = TemplateMixd(
+        "image", templates=templates, modalities=["t1"], block_mask=BlockMask(4, mask_ratio=0.5)
+    )
     return mix, "image_view1", 1
 
 

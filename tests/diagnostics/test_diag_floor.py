@@ -119,7 +119,7 @@ def test_floor_equals_brute_force_when_every_mask_is_enumerated(constant):
     voxel_masks = [_token_to_voxel(m, 4, 2) for m in family]
     exact, exact_all, exact_mod = _brute_force_floor(volumes.numpy(), voxel_masks, constant)
     K = len(family)
-    for reduction, expected in (("masked", exact), ("all", exact_all)):
+    for on, expected in (("masked", exact), ("all", exact_all)):
         result = collapsed_loss_floor(
             volumes,
             EnumeratingMask(family),
@@ -127,7 +127,7 @@ def test_floor_equals_brute_force_when_every_mask_is_enumerated(constant):
             num_draws=2 * K,  # K fit draws and K evaluation draws: every pair, twice
             batch_size=3,
             constant=constant,
-            reduction=reduction,
+            on=on,
             debias=False,
         )
         assert result.floor == pytest.approx(expected, rel=1e-10)
@@ -235,14 +235,14 @@ def test_per_position_and_voxel_masks_and_block_generators_are_accepted():
     assert voxels.per_modality.shape == (2,)
 
 
-def test_reduction_all_scales_with_the_masked_fraction():
+def test_on_all_scales_with_the_masked_fraction():
     volumes = torch.rand(4, 1, 4, 4, 4, generator=torch.Generator().manual_seed(6))
     kw = {"patch_size": 2, "num_draws": 6}
     masked = collapsed_loss_floor(
         volumes, RandomSubsetMask(2), generator=torch.Generator().manual_seed(0), **kw
     )
     all_voxels = collapsed_loss_floor(
-        volumes, RandomSubsetMask(2), generator=torch.Generator().manual_seed(0), reduction="all",
+        volumes, RandomSubsetMask(2), generator=torch.Generator().manual_seed(0), on="all",
         **kw,
     )  # fmt: skip
     assert all_voxels.floor == pytest.approx(masked.floor * 2 / 8, rel=1e-12)
@@ -310,11 +310,19 @@ def test_bad_input_gives_clear_errors():
         collapsed_loss_floor(torch.rand(4, 4, 4), RandomSubsetMask(2), patch_size=2)
     with pytest.raises(TypeError, match="callable"):
         collapsed_loss_floor(volumes, "random", patch_size=2)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"on must be one of \('masked', 'all'\)"):
+        collapsed_loss_floor(volumes, RandomSubsetMask(2), patch_size=2, on="mean")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="debias must be True or False"):
+        collapsed_loss_floor(volumes, RandomSubsetMask(2), patch_size=2, debias=1)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="progress must be True or False"):
+        collapsed_loss_floor(volumes, RandomSubsetMask(2), patch_size=2, progress=1)  # type: ignore[arg-type]
 
 
 def test_result_is_a_readable_record():
     r = collapsed_loss_floor(torch.rand(3, 2, 4, 4, 4), RandomSubsetMask(2), patch_size=2)
     assert isinstance(r, CollapseFloor)
+    assert r._fields[:2] == ("floor", "std_error")  # a NamedTuple
+    assert r.on == "masked"
     assert str(r).startswith("Var(x_m) = ")
     assert r.per_modality.dtype == torch.float64
     assert r.per_modality_std_error.shape == (2,)
@@ -336,7 +344,7 @@ def test_every_generator_of_mrissl_masking():
         assert 0 < r.masked_fraction < 1, name
     if hasattr(masking, "BlockMask"):
         r = collapsed_loss_floor(
-            volumes, masking.BlockMask(4, 0.5), patch_size=None, num_draws=4, generator=g
+            volumes, masking.BlockMask(4, mask_ratio=0.5), patch_size=None, num_draws=4, generator=g
         )
         assert r.masked_fraction == pytest.approx(0.5)
 

@@ -23,7 +23,7 @@ SIZE, PATCH = 64, 16
 
 @pytest.fixture(scope="module")
 def phantoms() -> torch.Tensor:
-    data = PhantomDataset(2, shape=SIZE, seed=0)
+    data = PhantomDataset(2, shape=SIZE, generator=0)
     return torch.stack([data[0], data[1]])  # (2, 4, 64, 64, 64) in [0, 1]
 
 

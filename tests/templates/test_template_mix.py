@@ -130,7 +130,7 @@ def test_bad_input_raises():
 
 def test_monai_transform_makes_two_copies():
     t = TemplateMixd(
-        "image", _templates(), MODS, available_key="avail", offset_key="offset"
+        "image", templates=_templates(), modalities=MODS, available_key="avail", offset_key="offset"
     ).set_random_state(0)
     data = {
         "image": torch.rand(4, 8, 8, 8),
@@ -143,16 +143,18 @@ def test_monai_transform_makes_two_copies():
     assert not bool(out["replaced"][:, 2].any())
     assert torch.equal(out["image"], data["image"])
     again = TemplateMixd(
-        "image", _templates(), MODS, available_key="avail", offset_key="offset"
+        "image", templates=_templates(), modalities=MODS, available_key="avail", offset_key="offset"
     ).set_random_state(0)(data)
     assert torch.equal(again["image_view2"], out["image_view2"])
 
 
 def test_monai_transform_passes_counts_to_the_mix():
     data = {"image": torch.rand(4, 8, 8, 8)}
-    default = TemplateMixd("image", _templates(), MODS)
+    default = TemplateMixd("image", templates=_templates(), modalities=MODS)
     assert default.mix.counts == "different"
-    independent = TemplateMixd("image", _templates(), MODS, counts="independent")
+    independent = TemplateMixd(
+        "image", templates=_templates(), modalities=MODS, counts="independent"
+    )
     assert independent.mix.counts == "independent"
     equal = 0
     for seed in range(40):
@@ -162,7 +164,7 @@ def test_monai_transform_passes_counts_to_the_mix():
         equal += int(out["replaced"][0].sum() == out["replaced"][1].sum())
     assert equal > 0  # independent draws share a count about a third of the time
     with pytest.raises(ValueError, match="counts must be"):
-        TemplateMixd("image", _templates(), MODS, counts="same")
+        TemplateMixd("image", templates=_templates(), modalities=MODS, counts="same")
 
 
 @settings(max_examples=40, deadline=None)

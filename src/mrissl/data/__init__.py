@@ -22,12 +22,18 @@ if TYPE_CHECKING:
         PHANTOM_MODALITIES,
         PHANTOM_SEQUENCES,
         PHANTOM_TISSUES,
+        LabeledPhantom,
         PhantomDataset,
         PulseSequence,
         Tissue,
         synthetic_phantom,
     )
-    from mrissl.data.preprocessing import LoadCased, percentile_pair, preprocessing
+    from mrissl.data.preprocessing import (
+        LoadCased,
+        Percentiles,
+        percentile_pair,
+        preprocessing,
+    )
     from mrissl.data.template_transforms import TemplateMixd
 
 # Names load their module on first use, so that a process that only lists cases or reads
@@ -36,12 +42,14 @@ if TYPE_CHECKING:
 _MODULES = {
     "Case": "mrissl.data.nifti",
     "FoundCases": "mrissl.data.nifti",
+    "LabeledPhantom": "mrissl.data.phantom",
     "LoadCased": "mrissl.data.preprocessing",
     "NiftiCase": "mrissl.data.nifti",
     "PHANTOM_LABELS": "mrissl.data.phantom",
     "PHANTOM_MODALITIES": "mrissl.data.phantom",
     "PHANTOM_SEQUENCES": "mrissl.data.phantom",
     "PHANTOM_TISSUES": "mrissl.data.phantom",
+    "Percentiles": "mrissl.data.preprocessing",
     "PhantomDataset": "mrissl.data.phantom",
     "PulseSequence": "mrissl.data.phantom",
     "RandBlockMaskd": "mrissl.data.mask_transforms",
@@ -96,8 +104,10 @@ __all__ = [
     "PHANTOM_TISSUES",
     "Case",
     "FoundCases",
+    "LabeledPhantom",
     "LoadCased",
     "NiftiCase",
+    "Percentiles",
     "PhantomDataset",
     "PulseSequence",
     "RandBlockMaskd",

@@ -333,7 +333,7 @@ class PhantomCrops(Dataset[dict[str, Any]]):
     def __init__(self, n: int, crop: int, modalities: Sequence[str]) -> None:
         from mrissl.data.phantom import PhantomDataset
 
-        self.data = PhantomDataset(n, shape=crop, modalities=modalities, seed=0)
+        self.data = PhantomDataset(n, shape=crop, modalities=modalities, generator=0)
 
     def __len__(self) -> int:
         return len(self.data)

@@ -61,7 +61,8 @@ class RandMaskd(WorkerSeeded, MapTransform):
 
     Examples:
         >>> from mrissl.masking import RandomTokenMask
-        >>> t = RandMaskd("image", RandomTokenMask(0.5), patch_size=8).set_random_state(0)
+        >>> t = RandMaskd("image", mask_generator=RandomTokenMask(0.5), patch_size=8)
+        >>> t = t.set_random_state(0)
         >>> out = t({"image": torch.rand(2, 16, 16, 16)})
         >>> out["mask"].shape, out["image_masked"].shape, int(out["mask"].sum())
         (torch.Size([2, 8]), torch.Size([2, 16, 16, 16]), 8)
@@ -70,9 +71,9 @@ class RandMaskd(WorkerSeeded, MapTransform):
     def __init__(
         self,
         keys: KeysCollection,
+        *,
         mask_generator: MaskGenerator,
         patch_size: int | Sequence[int] | None = None,
-        *,
         mask_key: str = "mask",
         masked_postfix: str | None = "_masked",
         fill: Fill = 0.0,
@@ -173,13 +174,15 @@ class RandHybridMaskd(RandMaskd):
     def __init__(
         self,
         keys: KeysCollection,
+        *,
         patch_size: int | Sequence[int] = 16,
         modal: ModalMask | int | None = 1,
         position: PositionMask | float | None = 0.5,
         patch: PatchMask | float | None = 0.5,
         **kwargs: Any,
     ) -> None:
-        super().__init__(keys, HybridMaskPattern(modal, position, patch), patch_size, **kwargs)
+        gen = HybridMaskPattern(modal, position=position, patch=patch)
+        super().__init__(keys, mask_generator=gen, patch_size=patch_size, **kwargs)
 
 
 class RandTokenMaskd(RandMaskd):
@@ -194,14 +197,14 @@ class RandTokenMaskd(RandMaskd):
     def __init__(
         self,
         keys: KeysCollection,
+        *,
         patch_size: int | Sequence[int] = 16,
         mask_ratio: float = 0.75,
-        *,
         shared_across_modalities: bool = True,
         **kwargs: Any,
     ) -> None:
         gen = RandomTokenMask(mask_ratio, shared_across_modalities=shared_across_modalities)
-        super().__init__(keys, gen, patch_size, **kwargs)
+        super().__init__(keys, mask_generator=gen, patch_size=patch_size, **kwargs)
 
 
 class RandBlockMaskd(RandMaskd):
@@ -223,17 +226,19 @@ class RandBlockMaskd(RandMaskd):
     def __init__(
         self,
         keys: KeysCollection,
+        *,
         block_size: int | Sequence[int] = 8,
         mask_ratio: float = 0.875,
-        *,
         fill: Fill | Literal["cross_modal"] = "cross_modal",
         source_key: str = "mask_source",
         shared_across_modalities: bool = False,
         **kwargs: Any,
     ) -> None:
-        gen = BlockMask(block_size, mask_ratio, shared_across_modalities=shared_across_modalities)
+        gen = BlockMask(
+            block_size, mask_ratio=mask_ratio, shared_across_modalities=shared_across_modalities
+        )
         plain: Fill = 0.0 if isinstance(fill, str) and fill == "cross_modal" else fill
-        super().__init__(keys, gen, gen.block_size, fill=plain, **kwargs)
+        super().__init__(keys, mask_generator=gen, patch_size=gen.block_size, fill=plain, **kwargs)
         self.cross_modal = isinstance(fill, str) and fill == "cross_modal"
         self.source_key = source_key
 

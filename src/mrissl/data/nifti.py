@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
 
+from mrissl._checks import check_choice
 from mrissl._io import open_nifti, read_voxels
 from mrissl.modalities import MODALITY_ALIASES, canonical_modalities
 
@@ -205,8 +205,7 @@ def read_case_arrays(
     return arrays, ref_affine
 
 
-@dataclass(frozen=True)
-class Case:
+class Case(NamedTuple):
     """One subject found by [`find_cases`][mrissl.data.find_cases].
 
     Attributes:
@@ -227,11 +226,11 @@ class Case:
         return not self.missing
 
 
-@dataclass(frozen=True)
-class FoundCases:
+class FoundCases(NamedTuple):
     """The result of [`find_cases`][mrissl.data.find_cases].
 
-    Iterating over it, or taking its ``len``, covers the complete cases only.
+    A NamedTuple ``(modalities, cases, incomplete)``: iterate over ``found.cases`` for the
+    complete cases.
 
     Attributes:
         modalities: the requested modalities, canonical names.
@@ -241,13 +240,7 @@ class FoundCases:
 
     modalities: tuple[str, ...]
     cases: tuple[Case, ...]
-    incomplete: tuple[Case, ...] = field(default=())
-
-    def __iter__(self) -> Iterator[Case]:
-        return iter(self.cases)
-
-    def __len__(self) -> int:
-        return len(self.cases)
+    incomplete: tuple[Case, ...] = ()
 
 
 def _split_modality(stem: str) -> tuple[str, str] | None:
@@ -267,7 +260,7 @@ def find_cases(
     folder: PathLike,
     modalities: Sequence[str],
     *,
-    on_missing: Literal["warn", "raise", "ignore"] = "warn",
+    incomplete: Literal["warn", "raise", "ignore"] = "warn",
 ) -> FoundCases:
     """Discover the multi-modal cases in a dataset folder by the modality suffix of each file.
 
@@ -290,7 +283,7 @@ def find_cases(
             followed).
         modalities: the modalities wanted, in channel order, in any known spelling
             (``["t1n", "t1c", "t2w", "t2f"]`` equals ``["t1", "t1ce", "t2", "flair"]``).
-        on_missing: what to do about cases lacking a requested modality: ``"warn"`` (one
+        incomplete: what to do about cases lacking a requested modality: ``"warn"`` (one
             warning naming them), ``"raise"`` (``ValueError``) or ``"ignore"``. They are listed
             in ``FoundCases.incomplete`` in every case.
 
@@ -301,7 +294,7 @@ def find_cases(
         FileNotFoundError: if ``folder`` does not exist.
         NotADirectoryError: if ``folder`` is not a folder.
         ValueError: for an unknown modality, for two files of the same case and modality
-            (naming both), or for incomplete cases when ``on_missing="raise"``.
+            (naming both), or for incomplete cases when ``incomplete="raise"``.
 
     Examples:
         >>> import nibabel as nib, numpy as np, tempfile, pathlib
@@ -311,15 +304,14 @@ def find_cases(
         ...     (root / case).mkdir()
         ...     for m in mods:
         ...         nib.save(vol, root / case / f"{case}-{m}.nii.gz")
-        >>> found = find_cases(root, ["t1", "flair"], on_missing="ignore")
-        >>> [c.name for c in found], [(c.name, c.missing) for c in found.incomplete]
+        >>> found = find_cases(root, ["t1", "flair"], incomplete="ignore")
+        >>> [c.name for c in found.cases], [(c.name, c.missing) for c in found.incomplete]
         (['BraTS-0001'], [('BraTS-0002', ('flair',))])
         >>> sorted(found.cases[0].paths)
         ['flair', 't1']
     """
     wanted = canonical_modalities(modalities)
-    if on_missing not in ("warn", "raise", "ignore"):
-        raise ValueError(f"on_missing must be 'warn', 'raise' or 'ignore', got {on_missing!r}")
+    check_choice(incomplete, "incomplete", ("warn", "raise", "ignore"))
     if not isinstance(folder, str | os.PathLike):
         raise TypeError(f"folder must be a str or path, got {type(folder).__name__}")
     root = Path(folder)
@@ -353,7 +345,7 @@ def find_cases(
     for rel, _ in groups:
         prefixes_per_dir[rel] = prefixes_per_dir.get(rel, 0) + 1
     complete: list[Case] = []
-    incomplete: list[Case] = []
+    lacking: list[Case] = []
     for (rel, prefix), found in groups.items():
         if prefixes_per_dir[rel] == 1 and rel != ".":
             name = rel
@@ -363,18 +355,17 @@ def find_cases(
             name = f"{rel}/{prefix}" if prefix else rel
         paths = {m: found[m] for m in wanted if m in found}
         missing = tuple(m for m in wanted if m not in found)
-        (incomplete if missing else complete).append(Case(name, paths, missing))
+        (lacking if missing else complete).append(Case(name, paths, missing))
     complete.sort(key=lambda c: c.name)
-    incomplete.sort(key=lambda c: c.name)
+    lacking.sort(key=lambda c: c.name)
 
-    if incomplete and on_missing != "ignore":
-        shown = "; ".join(f"{c.name} lacks {', '.join(c.missing)}" for c in incomplete[:5])
-        more = f" and {len(incomplete) - 5} more" if len(incomplete) > 5 else ""
+    if lacking and incomplete != "ignore":
+        shown = "; ".join(f"{c.name} lacks {', '.join(c.missing)}" for c in lacking[:5])
+        more = f" and {len(lacking) - 5} more" if len(lacking) > 5 else ""
         message = (
-            f"{len(incomplete)} case(s) under {str(root)!r} lack requested modalities: "
-            f"{shown}{more}"
+            f"{len(lacking)} case(s) under {str(root)!r} lack requested modalities: {shown}{more}"
         )
-        if on_missing == "raise":
+        if incomplete == "raise":
             raise ValueError(message)
         warnings.warn(message, stacklevel=2)
-    return FoundCases(modalities=wanted, cases=tuple(complete), incomplete=tuple(incomplete))
+    return FoundCases(modalities=wanted, cases=tuple(complete), incomplete=tuple(lacking))

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from mrissl._checks import to_triple
+from mrissl._checks import check_number, to_triple
 from mrissl.modalities import canonical_modalities
 
 __all__ = [
@@ -402,20 +402,39 @@ def _check_lesions(lesions: Any) -> tuple[int, int]:
     return lo, hi
 
 
-def _check_fraction(value: Any, name: str, upper: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
-    if not 0.0 <= float(value) <= upper:
-        raise ValueError(f"{name} must lie in [0, {upper}], got {value!r}")
-    return float(value)
+class LabeledPhantom(NamedTuple):
+    """A phantom with its tissue labels, from ``synthetic_phantom(..., return_labels=True)``.
+
+    Attributes:
+        image: ``(C, D, H, W)`` float, each modality in [0, 1].
+        labels: ``(D, H, W)`` int64, the values of [`PHANTOM_LABELS`][mrissl.data.PHANTOM_LABELS].
+    """
+
+    image: torch.Tensor
+    labels: torch.Tensor
+
+
+def _cpu_generator(generator: Any) -> torch.Generator:
+    """``generator`` itself (a CPU ``torch.Generator``), or a fresh one seeded by an int."""
+    if generator is None:
+        return torch.Generator().manual_seed(0)
+    if isinstance(generator, torch.Generator):
+        if generator.device.type != "cpu":
+            raise ValueError(
+                f"generator must be a CPU torch.Generator or an int seed, got one on "
+                f"{generator.device}"
+            )
+        return generator
+    seed = check_number(generator, "generator", low=0, integer=True)
+    return torch.Generator().manual_seed(seed)
 
 
 @overload
 def synthetic_phantom(
     shape: int | Sequence[int] = ...,
     modalities: Sequence[str] = ...,
-    seed: int | torch.Generator = ...,
     *,
+    generator: torch.Generator | int | None = ...,
     lesions: int | tuple[int, int] = ...,
     noise: float = ...,
     bias: float = ...,
@@ -428,8 +447,8 @@ def synthetic_phantom(
 def synthetic_phantom(
     shape: int | Sequence[int] = ...,
     modalities: Sequence[str] = ...,
-    seed: int | torch.Generator = ...,
     *,
+    generator: torch.Generator | int | None = ...,
     lesions: int | tuple[int, int] = ...,
     noise: float = ...,
     bias: float = ...,
@@ -437,12 +456,12 @@ def synthetic_phantom(
     return_labels: Literal[True],
     device: torch.device | str | None = ...,
     dtype: torch.dtype = ...,
-) -> tuple[torch.Tensor, torch.Tensor]: ...
+) -> LabeledPhantom: ...
 def synthetic_phantom(
     shape: int | Sequence[int] = (96, 96, 96),
     modalities: Sequence[str] = ("t1", "t1ce", "t2", "flair"),
-    seed: int | torch.Generator = 0,
     *,
+    generator: torch.Generator | int | None = None,
     lesions: int | tuple[int, int] = (0, 2),
     noise: float = 0.03,
     bias: float = 0.1,
@@ -450,7 +469,7 @@ def synthetic_phantom(
     return_labels: bool = False,
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+) -> torch.Tensor | LabeledPhantom:
     """Draw a random multi-contrast 3D head phantom.
 
     **Anatomy.** Each head is built on a coordinate grid from implicit shapes: a superquadric
@@ -498,9 +517,10 @@ def synthetic_phantom(
     step: ``volume[:, :, :, k]`` is an axial slice. The head fills the grid along every axis,
     so a non-cubic ``shape`` gives anisotropic voxels.
 
-    **Randomness.** All subject parameters are drawn from a CPU generator seeded with
-    ``seed`` (or from ``seed`` itself when it is a ``torch.Generator``, whose state then
-    advances); the global RNG is never used. On the CPU the same seed gives the same tensor;
+    **Randomness.** All subject parameters are drawn from ``generator``, a CPU
+    ``torch.Generator`` whose state then advances; an int is a seed for a fresh one, and
+    ``None`` is the fixed seed 0, so that the default phantom is always the same head. The
+    global RNG is never used. On the CPU the same seed gives the same tensor;
     on CUDA the noise is drawn on the device, so CPU and CUDA phantoms of one seed share their
     anatomy but not their noise.
 
@@ -510,7 +530,7 @@ def synthetic_phantom(
         modalities: modalities to simulate, in channel order, any known spelling of
             ``t1``, ``t1ce``, ``t2``, ``flair``, ``pd``
             ([`PHANTOM_MODALITIES`][mrissl.data.PHANTOM_MODALITIES]).
-        seed: an int seed, or a CPU ``torch.Generator`` to draw from.
+        generator: a CPU ``torch.Generator`` to draw from, an int seed, or ``None`` (seed 0).
         lesions: the number of lesions, or a ``(min, max)`` range to draw it from uniformly.
         noise: Rician noise level σ relative to the brightest tissue (0 for none), at most 1.
         bias: strength of the multiplicative bias field (0 for none, 0.1 gives roughly
@@ -521,21 +541,21 @@ def synthetic_phantom(
         dtype: floating dtype of the image.
 
     Returns:
-        ``image``: ``(C, D, H, W)`` in [0, 1]; with ``return_labels=True`` the pair
-        ``(image, labels)`` where ``labels`` is ``(D, H, W)`` int64 with the values of
-        [`PHANTOM_LABELS`][mrissl.data.PHANTOM_LABELS].
+        ``image``: ``(C, D, H, W)`` in [0, 1]; with ``return_labels=True`` a
+        [`LabeledPhantom`][mrissl.data.LabeledPhantom] ``(image, labels)`` where ``labels`` is
+        ``(D, H, W)`` int64 with the values of [`PHANTOM_LABELS`][mrissl.data.PHANTOM_LABELS].
 
     Raises:
         TypeError: for arguments of the wrong type.
         ValueError: for an unknown or unsupported modality, or a value out of range.
 
     Examples:
-        >>> image = synthetic_phantom((32, 32, 32), ("t1", "t2", "flair"), seed=0)
+        >>> image = synthetic_phantom((32, 32, 32), ("t1", "t2", "flair"), generator=0)
         >>> image.shape, image.dtype, float(image.min()) >= 0.0, float(image.max())
         (torch.Size([3, 32, 32, 32]), torch.float32, True, 1.0)
-        >>> torch.equal(image, synthetic_phantom((32, 32, 32), ("t1", "t2", "flair"), seed=0))
+        >>> torch.equal(image, synthetic_phantom((32, 32, 32), ("t1", "t2", "flair"), generator=0))
         True
-        >>> image, labels = synthetic_phantom(32, ["t2"], seed=1, return_labels=True)
+        >>> image, labels = synthetic_phantom(32, ["t2"], generator=1, return_labels=True)
         >>> csf, wm = labels == 1, labels == 3
         >>> bool(image[0][csf].mean() > image[0][wm].mean())  # CSF is bright on T2
         True
@@ -549,21 +569,12 @@ def synthetic_phantom(
             f"it supports {list(PHANTOM_MODALITIES)}"
         )
     lo, hi = _check_lesions(lesions)
-    noise = _check_fraction(noise, "noise", 1.0)
-    bias = _check_fraction(bias, "bias", 1.0)
+    noise = check_number(noise, "noise", low=0.0, high=1.0)
+    bias = check_number(bias, "bias", low=0.0, high=1.0)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
     dev = torch.device("cpu") if device is None else torch.device(device)
-    if isinstance(seed, torch.Generator):
-        if seed.device.type != "cpu":
-            raise ValueError(
-                f"seed must be an int or a CPU torch.Generator, got one on {seed.device}"
-            )
-        g = seed
-    elif isinstance(seed, int) and not isinstance(seed, bool):
-        g = torch.Generator().manual_seed(seed)
-    else:
-        raise TypeError(f"seed must be an int or a torch.Generator, got {type(seed).__name__}")
+    g = _cpu_generator(generator)
 
     # the fields and signal equations need float32 whatever autocast context the caller is in
     with torch.autocast(dev.type, enabled=False):
@@ -582,7 +593,7 @@ def _draw(
     return_labels: bool,
     dev: torch.device,
     dtype: torch.dtype,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+) -> torch.Tensor | LabeledPhantom:
     n_lesions = int(torch.randint(lo, hi + 1, (1,), generator=g)) if hi > lo else lo
     labels = _tissue_labels(size, n_lesions, g, dev)
     C = len(names)
@@ -605,7 +616,7 @@ def _draw(
     peak = image.amax(dim=(1, 2, 3), keepdim=True).clamp_min(1e-12)
     image = (image / peak).to(dtype)
     if return_labels:
-        return image, labels
+        return LabeledPhantom(image, labels)
     return image
 
 
@@ -618,9 +629,11 @@ def _derive_seed(seed: int, index: int) -> int:
 class PhantomDataset(Dataset[Any]):
     """A reproducible collection of [`synthetic_phantom`][mrissl.data.synthetic_phantom] heads.
 
-    Sample ``i`` is the phantom drawn with a seed derived from ``(seed, i)`` through NumPy's
+    Sample ``i`` is the phantom drawn with a seed derived from ``(base, i)`` through NumPy's
     ``SeedSequence``, so it does not depend on the order of access, the number of loader
-    workers or the other samples, and two datasets with different ``seed`` share no sample.
+    workers or the other samples, and two datasets with different bases share no sample. The
+    base seed is ``generator`` when it is an int (0 for ``None``), or one number drawn from
+    it when it is a ``torch.Generator`` (once, at construction).
     Phantoms are generated on access, never stored.
 
     Args:
@@ -628,7 +641,8 @@ class PhantomDataset(Dataset[Any]):
         shape: ``(D, H, W)`` of every sample, or one int.
         modalities: modalities, in channel order (see
             [`synthetic_phantom`][mrissl.data.synthetic_phantom]).
-        seed: seed of the collection.
+        generator: the collection's randomness: a CPU ``torch.Generator``, an int base seed,
+            or ``None`` (base seed 0).
         as_dict: return ``{"image": (C, D, H, W), "label": (D, H, W) int64}`` (the layout of
             MONAI dictionary transforms) instead of the image tensor alone.
         transform: optional callable applied to each sample (tensor or dict) before it is
@@ -638,63 +652,65 @@ class PhantomDataset(Dataset[Any]):
             ``bias``, ``partial_volume``, ``dtype``).
 
     Examples:
-        >>> data = PhantomDataset(4, shape=24, modalities=("t1", "flair"), seed=0)
+        >>> data = PhantomDataset(4, shape=24, modalities=("t1", "flair"), generator=0)
         >>> len(data), data[0].shape
         (4, torch.Size([2, 24, 24, 24]))
-        >>> torch.equal(data[3], PhantomDataset(4, 24, ("t1", "flair"), seed=0)[3])
+        >>> again = PhantomDataset(4, shape=24, modalities=("t1", "flair"), generator=0)
+        >>> torch.equal(data[3], again[3])
         True
         >>> batch = next(iter(torch.utils.data.DataLoader(data, batch_size=2)))
         >>> batch.shape  # (B, C, D, H, W)
         torch.Size([2, 2, 24, 24, 24])
-        >>> sorted(PhantomDataset(1, 24, ("t2",), as_dict=True)[0])
+        >>> sorted(PhantomDataset(1, shape=24, modalities=("t2",), as_dict=True)[0])
         ['image', 'label']
     """
 
     def __init__(
         self,
         n: int,
+        *,
         shape: int | Sequence[int] = (96, 96, 96),
         modalities: Sequence[str] = ("t1", "t1ce", "t2", "flair"),
-        seed: int = 0,
-        *,
+        generator: torch.Generator | int | None = None,
         as_dict: bool = False,
         transform: Callable[[Any], Any] | None = None,
         **phantom_kwargs: Any,
     ) -> None:
-        if isinstance(n, bool) or not isinstance(n, int):
-            raise TypeError(f"n must be an int, got {type(n).__name__} {n!r}")
-        if n < 0:
-            raise ValueError(f"n must be non-negative, got {n}")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(f"seed must be an int, got {type(seed).__name__} {seed!r}")
+        n = check_number(n, "n", low=0, integer=True)
+        if isinstance(generator, torch.Generator):
+            base = int(torch.randint(0, 2**62, (1,), generator=_cpu_generator(generator)))
+        else:
+            base = 0 if generator is None else check_number(generator, "generator", integer=True)
         if transform is not None and not callable(transform):
             raise TypeError(f"transform must be callable, got {type(transform).__name__}")
-        for key in ("return_labels", "seed", "shape", "modalities"):
+        for key in ("return_labels", "generator", "shape", "modalities"):
             if key in phantom_kwargs:
                 raise TypeError(f"PhantomDataset sets {key!r} itself; it is not a phantom_kwargs")
         self.n = n
         self.shape = to_triple(shape, "shape")
         self.modalities = canonical_modalities(modalities)
-        self.seed = seed
+        self.base_seed = base
         self.as_dict = as_dict
         self.transform = transform
         self.phantom_kwargs = dict(phantom_kwargs)
         # fail now on bad arguments rather than in a loader worker
-        synthetic_phantom(4, self.modalities, 0, **self.phantom_kwargs)
+        synthetic_phantom(4, self.modalities, **self.phantom_kwargs)
 
     def __len__(self) -> int:
         return self.n
 
     def __getitem__(self, index: int) -> Any:
-        if isinstance(index, bool) or not isinstance(index, int | np.integer):
-            raise TypeError(f"index must be an int, got {type(index).__name__}")
-        i = int(index) + self.n if index < 0 else int(index)
+        given: Any = index  # a NumPy integer is an index too
+        k = check_number(
+            int(given) if isinstance(given, np.integer) else given, "index", integer=True
+        )
+        i = k + self.n if k < 0 else k
         if not 0 <= i < self.n:
             raise IndexError(f"index {index} is out of range for a dataset of {self.n} samples")
         image, labels = synthetic_phantom(
             self.shape,
             self.modalities,
-            _derive_seed(self.seed, i),
+            generator=_derive_seed(self.base_seed, i),
             return_labels=True,
             **self.phantom_kwargs,
         )

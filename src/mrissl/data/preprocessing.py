@@ -17,7 +17,7 @@ import functools
 import math
 import os
 from collections.abc import Hashable, Mapping, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -67,6 +67,7 @@ class LoadCased(MapTransform):
     def __init__(
         self,
         keys: str | Sequence[str],
+        *,
         allow_missing_keys: bool = False,
         **load_kwargs: Any,
     ) -> None:
@@ -96,7 +97,19 @@ class LoadCased(MapTransform):
         return d
 
 
-def percentile_pair(x: torch.Tensor, lower: float, upper: float) -> tuple[float, float]:
+class Percentiles(NamedTuple):
+    """Two percentiles of one tensor, from [`percentile_pair`][mrissl.data.percentile_pair].
+
+    Attributes:
+        lower: the ``lower`` percentile, a Python float.
+        upper: the ``upper`` percentile, a Python float.
+    """
+
+    lower: float
+    upper: float
+
+
+def percentile_pair(x: torch.Tensor, lower: float, upper: float) -> Percentiles:
     """The ``lower`` and ``upper`` percentiles of all values of ``x``, from one selection.
 
     The same values as ``numpy.percentile(x, [lower, upper])`` (linear interpolation between
@@ -111,11 +124,12 @@ def percentile_pair(x: torch.Tensor, lower: float, upper: float) -> tuple[float,
         upper: percentile in [0, 100].
 
     Returns:
-        ``(a_lower, a_upper)`` as Python floats (float64 arithmetic).
+        [`Percentiles`][mrissl.data.Percentiles] ``(lower, upper)``, Python floats
+        (float64 arithmetic).
 
     Examples:
         >>> percentile_pair(torch.arange(101.0), 1.0, 99.0)
-        (1.0, 99.0)
+        Percentiles(lower=1.0, upper=99.0)
     """
     flat = x.detach().reshape(-1).cpu().numpy()
     n = flat.size
@@ -131,7 +145,7 @@ def percentile_pair(x: torch.Tensor, lower: float, upper: float) -> tuple[float,
         a, b, t = value[lo], value[hi], p - lo
         # numpy's lerp: exact at both ends of the interval
         out.append(b - (b - a) * (1.0 - t) if t >= 0.5 else a + (b - a) * t)
-    return out[0], out[1]
+    return Percentiles(out[0], out[1])
 
 
 _SAMPLE = 1 << 16

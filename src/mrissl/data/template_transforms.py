@@ -50,8 +50,9 @@ class TemplateMixd(WorkerSeeded, MapTransform):
         allow_missing_keys: do not raise for keys missing from the data.
 
     Examples:
-        >>> t = ModalityTemplates(["t1", "t2", "flair"], 24, init=-1.0)
-        >>> mix = TemplateMixd("image", t, ["t1", "t2", "flair"]).set_random_state(0)
+        >>> t = ModalityTemplates(["t1", "t2", "flair"], shape=24, init=-1.0)
+        >>> mix = TemplateMixd("image", templates=t, modalities=["t1", "t2", "flair"])
+        >>> mix = mix.set_random_state(0)
         >>> out = mix({"image": torch.rand(3, 16, 16, 16)})
         >>> out["image_view1"].shape, out["replaced"].shape
         (torch.Size([3, 16, 16, 16]), torch.Size([2, 3]))
@@ -62,9 +63,9 @@ class TemplateMixd(WorkerSeeded, MapTransform):
     def __init__(
         self,
         keys: KeysCollection,
+        *,
         templates: ModalityTemplates,
         modalities: Sequence[str],
-        *,
         max_replaced: int | None = None,
         min_replaced: int = 1,
         counts: Literal["different", "independent"] = "different",
@@ -78,7 +79,7 @@ class TemplateMixd(WorkerSeeded, MapTransform):
         MapTransform.__init__(self, keys, allow_missing_keys)
         self.mix = TemplateMix(
             templates,
-            modalities,
+            modalities=modalities,
             max_replaced=max_replaced,
             min_replaced=min_replaced,
             counts=counts,

@@ -11,7 +11,12 @@ the streaming [`EffectiveRankMeter`][mrissl.diagnostics.EffectiveRankMeter]).
 [`plot_spectrum`][mrissl.diagnostics.plot_spectrum] draws spectra (needs the ``plot`` extra).
 """
 
-from mrissl.diagnostics.floor import CollapseFloor, CollapseFloorMeter, collapsed_loss_floor
+from mrissl.diagnostics.floor import (
+    CollapseFloor,
+    CollapseFloorMeter,
+    FloorMaskGenerator,
+    collapsed_loss_floor,
+)
 from mrissl.diagnostics.meter import EffectiveRankMeter, RankResult
 from mrissl.diagnostics.monitor import CollapseMonitor, CollapseStatus
 from mrissl.diagnostics.plot import plot_spectrum
@@ -28,6 +33,7 @@ __all__ = [
     "CollapseMonitor",
     "CollapseStatus",
     "EffectiveRankMeter",
+    "FloorMaskGenerator",
     "RankResult",
     "collapsed_loss_floor",
     "effective_rank",

@@ -15,8 +15,7 @@ import importlib
 import math
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Sized
-from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, NamedTuple, Protocol, runtime_checkable
 
 import torch
 import torch.distributed as dist
@@ -24,9 +23,12 @@ from torch.utils.data import DataLoader, Dataset
 
 from mrissl._checks import (
     check_available,
+    check_bool,
+    check_choice,
     check_finite,
     check_floating,
     check_generator_type,
+    check_number,
     check_tensor,
     to_triple,
 )
@@ -35,16 +37,54 @@ from mrissl.distributed import rank as _rank
 from mrissl.distributed import world_size as _world_size
 from mrissl.nn import grid_size
 
-__all__ = ["CollapseFloor", "CollapseFloorMeter", "collapsed_loss_floor"]
+__all__ = ["CollapseFloor", "CollapseFloorMeter", "FloorMaskGenerator", "collapsed_loss_floor"]
 
 Constant = Literal["voxel", "modality"]
-Reduction = Literal["masked", "all"]
+Over = Literal["masked", "all"]
 PatchSize = int | Sequence[int] | None
-MaskGenerator = Callable[..., torch.Tensor]
 
 
-@dataclass(frozen=True)
-class CollapseFloor:
+class FloorMaskGenerator(Protocol):
+    """What [`collapsed_loss_floor`][mrissl.diagnostics.collapsed_loss_floor] calls to draw masks.
+
+    Any callable ``mask_generator(volume, patch_size, generator=generator)`` returning a bool
+    mask (True = masked) qualifies: every generator of ``mrissl.masking``, or a plain function.
+    ``volume`` is ``(B, C, D, H, W)``; the mask is a token mask ``(B, C, N)`` or ``(B, N)`` on
+    the grid of ``patch_size``, or a voxel mask ``(B, C, D, H, W)``. When the data carry
+    ``"available"``, it is also passed as ``available=``. A generator with a ``block_size``
+    attribute (BlockMask-like) may be called with ``patch_size=None``: its token masks are read
+    on the grid of its ``block_size``.
+
+    Examples:
+        >>> def first_half(volume, patch_size, generator=None):  # a voxel mask
+        ...     mask = torch.zeros(volume.shape, dtype=torch.bool)
+        ...     mask[..., : volume.shape[-1] // 2] = True
+        ...     return mask
+        >>> masks: FloorMaskGenerator = first_half
+        >>> masks(torch.rand(1, 2, 4, 4, 4), None).float().mean().item()
+        0.5
+    """
+
+    def __call__(
+        self,
+        volume: torch.Tensor,
+        patch_size: PatchSize,
+        /,
+        *,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Draw one bool mask for ``volume`` (True = masked) from ``generator``."""
+        ...
+
+
+@runtime_checkable
+class _BlockSized(Protocol):
+    """A mask generator whose tokens are its own blocks (BlockMask-like)."""
+
+    block_size: Any
+
+
+class CollapseFloor(NamedTuple):
     """The floor estimated by [`collapsed_loss_floor`][mrissl.diagnostics.collapsed_loss_floor].
 
     Attributes:
@@ -57,7 +97,7 @@ class CollapseFloor:
         num_draws: the number of mask draws per volume (fit plus evaluation draws).
         num_volumes: the number of volumes seen (over all processes when gathered).
         constant: ``"voxel"`` or ``"modality"`` (see the function).
-        reduction: ``"masked"`` or ``"all"`` (see the function).
+        on: ``"masked"`` or ``"all"``, the voxels the loss is averaged over (see the function).
         per_modality_volumes: ``(C,)`` int64, how many volumes had each modality present
             (all of them unless ``available`` marked some missing).
     """
@@ -70,13 +110,13 @@ class CollapseFloor:
     num_draws: int
     num_volumes: int
     constant: str
-    reduction: str
+    on: str
     per_modality_volumes: torch.Tensor | None = None
 
     def __str__(self) -> str:
         return (
             f"Var(x_m) = {self.floor:.6g} ± {self.std_error:.2g} (constant per {self.constant}, "
-            f"mean over {self.reduction} voxels, {self.masked_fraction:.1%} masked, "
+            f"mean over {self.on} voxels, {self.masked_fraction:.1%} masked, "
             f"{self.num_volumes} volumes × {self.num_draws} draws)"
         )
 
@@ -322,27 +362,14 @@ def _token_sums(x: torch.Tensor, patch: tuple[int, int, int]) -> torch.Tensor:
     return per_patch.sum(dim=(3, 5, 7), dtype=torch.float64).reshape(B, C, gd * gh * gw)
 
 
-def _check_choice(value: Any, name: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
-
-
-def _check_count(value: Any, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
-
-
 def collapsed_loss_floor(
     data: torch.Tensor | Dataset[Any] | Iterable[Any],
-    mask_generator: MaskGenerator,
+    mask_generator: FloorMaskGenerator,
     *,
     patch_size: PatchSize,
     num_draws: int = 10,
     constant: Constant = "voxel",
-    reduction: Reduction = "masked",
+    on: Over = "masked",
     batch_size: int = 4,
     key: str = "image",
     generator: torch.Generator | None = None,
@@ -369,17 +396,17 @@ def collapsed_loss_floor(
 
     and how the loss is averaged:
 
-    * ``reduction="masked"`` (default): ``Var(x_m) = E[Σ m (x − c)²] / E[Σ m]``, the loss
+    * ``on="masked"`` (default): ``Var(x_m) = E[Σ m (x − c)²] / E[Σ m]``, the loss
       averaged over masked voxels (``((pred - target) ** 2)[mask].mean()``): the floor of a
       model that ignores its input, scored on the masked voxels or, for masks that hide every
       voxel equally often, on the whole image (E-MIM eq. 9) alike.
-    * ``reduction="all"``: the loss averaged over all voxels with unmasked ones contributing
+    * ``on="all"``: the loss averaged over all voxels with unmasked ones contributing
       0, which is the ``"masked"`` floor times the masked fraction: the eq. 9 loss of a model
       that copies the visible voxels and outputs the constant at the masked ones.
 
     For a mask that ignores the image and hides every voxel equally often, the default floor
     is the same whatever the mask (an identity: the masking probability cancels); it depends
-    on the mask only through ``reduction="all"``, a masking probability that varies over the
+    on the mask only through ``on="all"``, a masking probability that varies over the
     voxels, or a mask that depends on the image.
 
     Estimation reads ``data`` once, whatever ``num_draws``: every volume gets ``num_draws``
@@ -421,14 +448,16 @@ def collapsed_loss_floor(
             with ``volume: (B, C, D, H, W)`` (and ``available=`` when the data carry it);
             returns ``(B, C, N)`` bool token masks, ``(B, N)`` per-position masks or
             ``(B, C, D, H, W)`` bool voxel masks, True = masked (token grid of ``patch_size``,
-            raster order, depth slowest).
+            raster order, depth slowest): a
+            [`FloorMaskGenerator`][mrissl.diagnostics.FloorMaskGenerator].
         patch_size: the patch size of the token grid, an int or 3 ints; ``None`` for
             generators that use their own block size (BlockMask-like): their token masks are
             then read on the grid of the generator's ``block_size`` attribute, and voxel masks
             need no grid.
         num_draws: masks per volume, ``>= 3`` (at least 2 evaluation draws).
         constant: ``"voxel"`` or ``"modality"``, see above.
-        reduction: ``"masked"`` or ``"all"``, see above.
+        on: ``"masked"`` or ``"all"``, the voxels the loss is averaged over, as in
+            [`masked_reconstruction_loss`][mrissl.losses.masked_reconstruction_loss]; see above.
         batch_size: volumes per call of ``mask_generator`` for tensors and Datasets.
         key: the image entry of mapping items or batches (MONAI's default ``"image"``).
         generator: passed to ``mask_generator``; seeds the draws reproducibly.
@@ -473,8 +502,8 @@ def collapsed_loss_floor(
         >>> round(result.masked_fraction, 3), tuple(result.per_modality.shape)
         (0.375, (2,))
     """
-    _check_count(batch_size, "batch_size", 1)
-    _check_count(num_workers, "num_workers", 0)
+    check_number(batch_size, "batch_size", low=1, integer=True)
+    check_number(num_workers, "num_workers", low=0, integer=True)
     if isinstance(data, torch.Tensor):  # offline: the values are always checked
         if data.ndim > 0 and data.shape[0] == 0:
             raise ValueError(f"data must hold at least one volume, got shape {tuple(data.shape)}")
@@ -484,7 +513,7 @@ def collapsed_loss_floor(
         patch_size=patch_size,
         num_draws=num_draws,
         constant=constant,
-        reduction=reduction,
+        on=on,
         generator=generator,
         seed=seed,
         gather_distributed=gather_distributed,
@@ -494,7 +523,7 @@ def collapsed_loss_floor(
     source = _Source(data, batch_size, key, num_workers, shard=gather_distributed)
     if device is None and isinstance(source.data, torch.Tensor):
         meter.device = source.data.device
-    show = source.is_loader if progress is None else bool(progress)
+    show = source.is_loader if progress is None else check_bool(progress, "progress")
     bar = _progress_bar(show and _rank() == 0, source.length, "collapsed_loss_floor")
     try:
         for volume, available, index in source:
@@ -527,7 +556,7 @@ class CollapseFloorMeter:
         patch_size: as in the function.
         num_draws: masks per volume, ``>= 3``.
         constant: ``"voxel"`` or ``"modality"``.
-        reduction: ``"masked"`` or ``"all"``.
+        on: ``"masked"`` or ``"all"``.
         generator: the random source of the masks when ``update`` gets no ``index``.
         seed: with ``update(..., index=...)``, each volume's masks come from a generator
             seeded by ``(seed, index)``: results independent of batching and processes.
@@ -551,30 +580,32 @@ class CollapseFloorMeter:
 
     def __init__(
         self,
-        mask_generator: MaskGenerator,
+        mask_generator: FloorMaskGenerator,
         *,
         patch_size: PatchSize,
         num_draws: int = 10,
         constant: Constant = "voxel",
-        reduction: Reduction = "masked",
+        on: Over = "masked",
         generator: torch.Generator | None = None,
         seed: int | None = None,
         gather_distributed: bool = False,
         device: torch.device | str | None = None,
         debias: bool = True,
     ) -> None:
-        _check_choice(constant, "constant", ("voxel", "modality"))
-        _check_choice(reduction, "reduction", ("masked", "all"))
-        _check_count(num_draws, "num_draws", 3)
+        check_choice(constant, "constant", ("voxel", "modality"))
+        check_choice(on, "on", ("masked", "all"))
+        check_number(num_draws, "num_draws", low=3, integer=True)
+        check_bool(gather_distributed, "gather_distributed")
+        check_bool(debias, "debias")
         if not callable(mask_generator):
             raise TypeError(f"mask_generator must be callable, got {type(mask_generator).__name__}")
         if patch_size is not None:
             to_triple(patch_size, "patch_size")
         if seed is not None:
-            _check_count(seed, "seed", 0)
+            check_number(seed, "seed", low=0, integer=True)
         check_generator_type(generator)
         self.mask_generator, self.patch_size = mask_generator, patch_size
-        self.num_draws, self.constant, self.reduction = num_draws, constant, reduction
+        self.num_draws, self.constant, self.on = num_draws, constant, on
         self.generator, self.seed = generator, seed
         self.gather_distributed, self.debias = gather_distributed, debias
         self.device = torch.device("cpu" if device is None else device)
@@ -639,8 +670,8 @@ class CollapseFloorMeter:
         """``num_draws`` masks, token ``(B, C, N)`` with their patch or voxel, True = masked."""
         extra = {} if available is None else {"available": available}
         grid_patch = self.patch_size
-        if grid_patch is None:  # BlockMask-like: tokens are the generator's own blocks
-            grid_patch = getattr(self.mask_generator, "block_size", None)
+        if grid_patch is None and isinstance(self.mask_generator, _BlockSized):
+            grid_patch = self.mask_generator.block_size  # tokens: the generator's own blocks
         if self.seed is None or index is None:
             return [
                 _as_mask(
@@ -917,7 +948,7 @@ def _summarise(
     num_volumes: int,
 ) -> CollapseFloor:
     rss, masked, voxels = rss.cpu(), masked.cpu(), voxels.cpu()
-    denom = voxels if meter.reduction == "all" else masked  # (R, C) each
+    denom = voxels if meter.on == "all" else masked  # (R, C) each
     values = rss.sum(dim=1) / denom.sum(dim=1)  # one loss value per evaluation draw
     per_mod = torch.where(masked > 0, rss / denom.clamp(min=1.0), torch.nan)
     finite = torch.isfinite(per_mod)
@@ -935,6 +966,6 @@ def _summarise(
         num_draws=meter.num_draws,
         num_volumes=num_volumes,
         constant=meter.constant,
-        reduction=meter.reduction,
+        on=meter.on,
         per_modality_volumes=per_modality_volumes.cpu().round().to(torch.int64),
     )
