@@ -105,15 +105,6 @@ PENDING = {
     "mrissl.diagnostics.CollapseFloor: a dataclass result (make it a NamedTuple)",
     "mrissl.diagnostics.CollapseFloorMeter.__init__: parameter 'seed' (use 'generator')",
     "mrissl.diagnostics.collapsed_loss_floor: parameter 'seed' (use 'generator')",
-    # mrissl.masking
-    "mrissl.masking.BlockMask.__init__: positional configuration parameter 'mask_ratio'",
-    "mrissl.masking.HybridMaskPattern.__init__: positional configuration parameter 'patch'",
-    "mrissl.masking.HybridMaskPattern.__init__: positional configuration parameter 'position'",
-    "mrissl.masking.cross_modal_fill: returns a plain tuple (tuple[torch.Tensor, torch.Tensor])",
-    # mrissl.templates
-    "mrissl.templates.ModalityTemplates.__init__: parameter 'normalise' (use 'normalize')",
-    "mrissl.templates.ModalityTemplates.__init__: positional configuration parameter 'shape'",
-    "mrissl.templates.TemplateMix.__init__: positional configuration parameter 'modalities'",
 }
 
 

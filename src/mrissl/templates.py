@@ -13,7 +13,7 @@ term ties their features together (supplement eq. 7,
 [`consistency_loss`][mrissl.losses.consistency_loss]).
 
 * [`ModalityTemplates`][mrissl.templates.ModalityTemplates]: the learnable canvases, a
-  crop-aware vectorised fill, optional safe normalisation, their own learning rate, NIfTI
+  crop-aware vectorised fill, optional safe normalization, their own learning rate, NIfTI
   export and import, and rebuilding from a checkpoint's ``state_dict``.
 * [`template_fill`][mrissl.templates.template_fill] and
   [`crop_templates`][mrissl.templates.crop_templates]: the same fill as pure functions.
@@ -60,9 +60,9 @@ __all__ = [
     "template_fill",
 ]
 
-Normalise = Literal["none", "sigmoid", "minmax"]
+Normalize = Literal["none", "sigmoid", "minmax"]
 Padding = Literal["error", "zeros", "border"]
-_NORMALISE = ("none", "sigmoid", "minmax")
+_NORMALIZE = ("none", "sigmoid", "minmax")
 _PADDING = ("error", "zeros", "border")
 _KIND = "mrissl.ModalityTemplates"
 _EXTRA_KEY = "_extra_state"
@@ -320,7 +320,7 @@ def template_fill(
         volume: ``(B, C, d, h, w)`` floating-point crops.
         voxel_mask: ``(B, C, d, h, w)`` or ``(B, 1, d, h, w)`` bool, True = masked (use
             [`mask_to_voxels`][mrissl.masking.mask_to_voxels] for a token mask).
-        templates: ``(S, D, H, W)`` stacked (already normalised) canvases.
+        templates: ``(S, D, H, W)`` stacked (already normalized) canvases.
         modality_ids: ``(B, C)`` int64 template of each channel; ``(B,)`` when ``C = 1``.
         offsets: ``(B, 3)``/``(3,)`` crop starts in the canvas, or ``None`` (centred).
         padding: ``"error"``, ``"zeros"`` or ``"border"``, see
@@ -371,7 +371,7 @@ class ModalityTemplates(nn.Module):
     the Adam state is twice the canvas, so 8 modalities at 160 × 192 × 160 cost
     2 × 150 MiB, against 2 × 272 MiB for the released code's 8 × 240 × 240 × 155.
 
-    **Normalisation** of the values the fill uses (computed in float32):
+    **Normalization** of the values the fill uses (computed in float32):
 
     * ``"none"`` (default, the paper): the raw parameter, initialised to zero.
     * ``"sigmoid"``: ``σ(weight)``, in (0, 1) like the [0, 1]-scaled intensities; zero init
@@ -382,7 +382,7 @@ class ModalityTemplates(nn.Module):
       read the whole canvas each call, and pass gradient to the arg-min and arg-max voxels.
 
     **Names** are case-insensitive with the aliases of [`mrissl.modalities`][mrissl.modalities]
-    (``t1c``, ``T1Gd`` → ``t1ce``; ``t2f`` → ``flair``). They, the normalisation and the
+    (``t1c``, ``T1Gd`` → ``t1ce``; ``t2f`` → ``flair``). They, the normalization and the
     ``affine`` (a ``(4, 4)`` float64 buffer, voxel → RAS millimetres, identity by default) are
     saved in the ``state_dict`` (``_extra_state`` and ``affine``), so
     [`from_state_dict`][mrissl.templates.ModalityTemplates.from_state_dict] rebuilds the
@@ -392,7 +392,7 @@ class ModalityTemplates(nn.Module):
         modalities: the modality names, in template order.
         shape: ``(D, H, W)`` of every canvas, or one int.
         init: ``"zeros"`` (the paper), a number, or an ``(S, D, H, W)`` tensor.
-        normalise: ``"none"``, ``"sigmoid"`` or ``"minmax"``, see above.
+        normalize: ``"none"``, ``"sigmoid"`` or ``"minmax"``, see above.
         eps: the smallest range ``"minmax"`` divides by.
         padding: what crops leaving the canvas read: ``"error"`` (raise), ``"zeros"``,
             ``"border"``.
@@ -400,7 +400,7 @@ class ModalityTemplates(nn.Module):
 
     Raises:
         ValueError: for unknown or repeated modality names (the message lists the known ones),
-            a bad shape, init, normalisation or affine.
+            a bad shape, init, normalization or affine.
 
     Examples:
         >>> templates = ModalityTemplates(["T1", "t1c", "T2", "t2f"], shape=(32, 40, 32))
@@ -420,10 +420,10 @@ class ModalityTemplates(nn.Module):
     def __init__(
         self,
         modalities: Sequence[str],
-        shape: int | Sequence[int] = (160, 192, 160),
         *,
+        shape: int | Sequence[int] = (160, 192, 160),
         init: Literal["zeros"] | float | torch.Tensor = "zeros",
-        normalise: Normalise = "none",
+        normalize: Normalize = "none",
         eps: float = 1e-2,
         padding: Padding = "error",
         affine: torch.Tensor | None = None,
@@ -431,11 +431,11 @@ class ModalityTemplates(nn.Module):
         super().__init__()
         self.modalities: tuple[str, ...] = canonical_modalities(modalities, "modalities")
         canvas = to_triple(shape, "shape")
-        _check_choice(normalise, "normalise", _NORMALISE)
+        _check_choice(normalize, "normalize", _NORMALIZE)
         _check_choice(padding, "padding", _PADDING)
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
             raise ValueError(f"eps must be a positive number, got {eps!r}")
-        self.normalise: Normalise = normalise
+        self.normalize: Normalize = normalize
         self.eps = float(eps)
         self.padding: Padding = padding
         S = len(self.modalities)
@@ -462,7 +462,7 @@ class ModalityTemplates(nn.Module):
                 template here (listing the templates).
 
         Examples:
-            >>> ModalityTemplates(["t1", "t2", "flair"], 8).index(["T2w", "t2f", "T1"])
+            >>> ModalityTemplates(["t1", "t2", "flair"], shape=8).index(["T2w", "t2f", "T1"])
             tensor([1, 2, 0])
         """
         single = isinstance(names, str)
@@ -480,14 +480,14 @@ class ModalityTemplates(nn.Module):
         return ids[0] if single else ids
 
     def templates(self) -> torch.Tensor:
-        """The normalised canvases the fill reads, ``(S, D, H, W)`` float32, with gradient.
+        """The normalized canvases the fill reads, ``(S, D, H, W)`` float32, with gradient.
 
         Examples:
-            >>> t = ModalityTemplates(["t1"], 4, normalise="sigmoid")
+            >>> t = ModalityTemplates(["t1"], shape=4, normalize="sigmoid")
             >>> t.templates().unique().tolist()  # σ(0) at zero init
             [0.5]
         """
-        return _normalise(self.weight, self.normalise, self.eps)
+        return _normalize(self.weight, self.normalize, self.eps)
 
     def crop(
         self,
@@ -497,7 +497,7 @@ class ModalityTemplates(nn.Module):
         *,
         batch_size: int | None = None,
     ) -> torch.Tensor:
-        """The normalised template windows ``(B, C, d, h, w)`` of each case's channels.
+        """The normalized template windows ``(B, C, d, h, w)`` of each case's channels.
 
         Args:
             modality_ids: ``(B, C)`` int64 template indices, or ``C`` modality names (the
@@ -510,7 +510,7 @@ class ModalityTemplates(nn.Module):
             ``(B, C, d, h, w)`` float32.
 
         Examples:
-            >>> t = ModalityTemplates(["t1", "t2"], 8, init=1.0)
+            >>> t = ModalityTemplates(["t1", "t2"], shape=8, init=1.0)
             >>> t.crop(["t2", "t1"], 4, batch_size=3).shape
             torch.Size([3, 2, 4, 4, 4])
         """
@@ -520,11 +520,11 @@ class ModalityTemplates(nn.Module):
     def _crop(
         self, ids: torch.Tensor, offsets: torch.Tensor | Sequence[int] | None, size: Triple
     ) -> torch.Tensor:
-        """Raw windows first, then the normalisation: nothing canvas-sized is written."""
+        """Raw windows first, then the normalization: nothing canvas-sized is written."""
         raw = crop_templates(self.weight, ids, offsets, size, padding=self.padding).float()
-        if self.normalise == "sigmoid":
+        if self.normalize == "sigmoid":
             return torch.sigmoid(raw)
-        if self.normalise == "minmax":
+        if self.normalize == "minmax":
             lo, scale = _minmax_stats(self.weight, self.eps)
             ids = ids.to(self.device)
             return (raw - lo[ids][..., None, None, None]) / scale[ids][..., None, None, None]
@@ -540,7 +540,7 @@ class ModalityTemplates(nn.Module):
         """Fill the masked voxels from each case's own modality template (BrainMVP eq. 3).
 
         ``Φ_distill(X_im, T_m)``: see [`template_fill`][mrissl.templates.template_fill]; the
-        templates are normalised first (``normalise``). Vectorised over the batch; gradients
+        templates are normalized first (``normalize``). Vectorised over the batch; gradients
         reach the template voxels used by masked voxels (and, for ``"minmax"``, the min and
         max voxels).
 
@@ -564,7 +564,7 @@ class ModalityTemplates(nn.Module):
                 [`crop_templates`][mrissl.templates.crop_templates]).
 
         Examples:
-            >>> t = ModalityTemplates(["t1", "t2"], (8, 8, 8), init=2.0)
+            >>> t = ModalityTemplates(["t1", "t2"], shape=(8, 8, 8), init=2.0)
             >>> x, mask = torch.zeros(1, 2, 4, 4, 4), torch.ones(1, 2, 4, 4, 4, dtype=torch.bool)
             >>> t.fill(x, mask, ["T2", "T1"]).unique().tolist()
             [2.0]
@@ -632,7 +632,7 @@ class ModalityTemplates(nn.Module):
 
         Examples:
             >>> net = nn.Conv3d(1, 1, 3)
-            >>> t = ModalityTemplates(["t1"], 8)
+            >>> t = ModalityTemplates(["t1"], shape=8)
             >>> opt = torch.optim.Adam(t.parameter_groups(5e-3, model=net), lr=3e-4)
             >>> [g["lr"] for g in opt.param_groups]
             [0.0003, 0.005]
@@ -656,7 +656,7 @@ class ModalityTemplates(nn.Module):
             "kind": _KIND,
             "version": 1,
             "modalities": list(self.modalities),
-            "normalise": self.normalise,
+            "normalize": self.normalize,
             "eps": self.eps,
             "padding": self.padding,
         }
@@ -671,7 +671,7 @@ class ModalityTemplates(nn.Module):
                 f"the state_dict holds templates for {list(names)}, this module for "
                 f"{list(self.modalities)}; rebuild it with ModalityTemplates.from_state_dict"
             )
-        self.normalise = state["normalise"]
+        self.normalize = _stored_normalize(state)
         self.eps = float(state["eps"])
         self.padding = state["padding"]
 
@@ -700,7 +700,7 @@ class ModalityTemplates(nn.Module):
 
         Examples:
             >>> model = nn.ModuleDict({"net": nn.Linear(2, 2),
-            ...                        "templates": ModalityTemplates(["t1", "t2f"], 4)})
+            ...                        "templates": ModalityTemplates(["t1", "t2f"], shape=4)})
             >>> t = ModalityTemplates.from_state_dict({"model": model.state_dict()})
             >>> t.modalities, t.shape
             (('t1', 'flair'), (4, 4, 4))
@@ -728,9 +728,9 @@ class ModalityTemplates(nn.Module):
             raise ValueError(f"{keys[0]} must be an (S, D, H, W) tensor, got {weight!r:.80}")
         out = cls(
             extra["modalities"],
-            tuple(int(s) for s in weight.shape[1:]),
+            shape=tuple(int(s) for s in weight.shape[1:]),
             init=weight.detach().cpu().float(),
-            normalise=extra["normalise"],
+            normalize=_stored_normalize(extra),
             eps=extra["eps"],
             padding=extra["padding"],
             affine=affine.detach().cpu(),
@@ -740,26 +740,26 @@ class ModalityTemplates(nn.Module):
     # ---- NIfTI --------------------------------------------------------------------------
 
     def to_nifti(
-        self, folder: str | Path, affine: torch.Tensor | None = None, *, normalised: bool = True
+        self, folder: str | Path, affine: torch.Tensor | None = None, *, normalized: bool = True
     ) -> list[Path]:
         """Write one NIfTI file per modality, ``<folder>/<modality>.nii.gz`` (float32).
 
         Each file's header ``descrip`` records the modality, its place in the template order
-        and the normalisation, so [`from_nifti`][mrissl.templates.ModalityTemplates.from_nifti]
+        and the normalization, so [`from_nifti`][mrissl.templates.ModalityTemplates.from_nifti]
         gets names and order back. The voxel axes are the canvas axes ``(D, H, W)``.
 
         Args:
             folder: where to write (created if needed).
             affine: ``(4, 4)`` voxel-to-world matrix; defaults to the module's ``affine``.
-            normalised: write the values the fill uses (``templates()``) rather than the
-                raw parameter; the same when ``normalise="none"``.
+            normalized: write the values the fill uses (``templates()``) rather than the
+                raw parameter; the same when ``normalize="none"``.
 
         Returns:
             The paths written, in template order.
 
         Examples:
             >>> import tempfile
-            >>> t = ModalityTemplates(["t1", "t2f"], (4, 5, 6), init=0.5)
+            >>> t = ModalityTemplates(["t1", "t2f"], shape=(4, 5, 6), init=0.5)
             >>> with tempfile.TemporaryDirectory() as folder:
             ...     paths = t.to_nifti(folder, affine=torch.diag(torch.tensor([2.0, 2, 2, 1])))
             ...     back = ModalityTemplates.from_nifti(folder)
@@ -776,14 +776,14 @@ class ModalityTemplates(nn.Module):
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         with torch.no_grad():
-            data = self.templates() if normalised else self.weight.float()
+            data = self.templates() if normalized else self.weight.float()
             arrays = data.detach().cpu().numpy().astype(np.float32)
-        norm = self.normalise if not normalised else "none"
+        norm = self.normalize if not normalized else "none"
         paths = []
         S = len(self.modalities)
         for i, name in enumerate(self.modalities):
             img: Any = nib.Nifti1Image(arrays[i], mat.cpu().numpy().astype(np.float64))
-            img.header["descrip"] = f"mrissl template {name} {i + 1}/{S} normalise={norm}".encode()
+            img.header["descrip"] = f"mrissl template {name} {i + 1}/{S} normalize={norm}".encode()
             img.header.set_xyzt_units("mm")
             path = folder / f"{name}.nii.gz"
             nib.save(img, str(path))
@@ -802,7 +802,7 @@ class ModalityTemplates(nn.Module):
                 ``<name>.nii.gz`` in any known spelling); ``None`` reads every file and
                 orders them by the index in their header (else by name).
             **kwargs: further arguments of the constructor (``padding``, ...); the
-                normalisation recorded in the files is used unless given.
+                normalization recorded in the files is used unless given.
 
         Returns:
             The templates, their affine taken from the files.
@@ -825,7 +825,7 @@ class ModalityTemplates(nn.Module):
         for p in files:
             images[p] = open_nifti(p)  # header checked: one ValueError line naming the file
             descrip = bytes(images[p].header["descrip"]).split(b"\0")[0].decode(errors="replace")
-            m = re.match(r"mrissl template (\S+) (\d+)/\d+ normalise=(\S+)", descrip)
+            m = re.match(r"mrissl template (\S+) (\d+)/\d+ normali[sz]e=(\S+)", descrip)
             stem = p.name[: -len(".nii.gz")] if p.name.endswith(".gz") else p.name[:-4]
             if m:
                 entries.append((int(m.group(2)), canonical_modality(m.group(1)), p, m.group(3)))
@@ -854,10 +854,10 @@ class ModalityTemplates(nn.Module):
             raise ValueError(f"template files must share one 3-D shape, got {sorted(shapes)}")
         if any(not np.allclose(a, affines[0]) for a in affines):
             raise ValueError("template files must share one affine; they differ")
-        kwargs.setdefault("normalise", by_name[names[0]][1])
+        kwargs.setdefault("normalize", by_name[names[0]][1])
         return cls(
             names,
-            arrays[0].shape,
+            shape=arrays[0].shape,
             init=torch.from_numpy(np.stack(arrays)),
             affine=torch.from_numpy(affines[0]),
             **kwargs,
@@ -867,7 +867,7 @@ class ModalityTemplates(nn.Module):
         """Names, canvas and settings, for ``print(module)``."""
         return (
             f"modalities={list(self.modalities)}, shape={self.shape}, "
-            f"normalise={self.normalise!r}, padding={self.padding!r}"
+            f"normalize={self.normalize!r}, padding={self.padding!r}"
         )
 
 
@@ -944,8 +944,8 @@ class TemplateMix(nn.Module):
         ValueError: for a modality without template, bad counts or ``counts``.
 
     Examples:
-        >>> templates = ModalityTemplates(["t1", "t1ce", "t2", "flair"], 32, init=-1.0)
-        >>> mix = TemplateMix(templates, ["T1", "T1Gd", "T2", "FLAIR"])
+        >>> templates = ModalityTemplates(["t1", "t1ce", "t2", "flair"], shape=32, init=-1.0)
+        >>> mix = TemplateMix(templates, modalities=["T1", "T1Gd", "T2", "FLAIR"])
         >>> x = torch.rand(3, 4, 16, 16, 16)
         >>> views = mix(x, generator=torch.Generator().manual_seed(0))
         >>> views.view1.shape, views.replaced1.sum(dim=1).tolist()  # 1 to 3 of 4 replaced
@@ -965,8 +965,8 @@ class TemplateMix(nn.Module):
     def __init__(
         self,
         templates: ModalityTemplates,
-        modalities: Sequence[str],
         *,
+        modalities: Sequence[str],
         max_replaced: int | None = None,
         min_replaced: int = 1,
         block_mask: BlockMask | None = None,
@@ -1110,7 +1110,12 @@ def _check_count(value: Any, name: str) -> int:
     return value
 
 
-def _normalise(weight: torch.Tensor, how: str, eps: float) -> torch.Tensor:
+def _stored_normalize(state: Mapping[str, Any]) -> Any:
+    """The normalization of a saved state (``"normalise"`` in states saved by earlier versions)."""
+    return state["normalize"] if "normalize" in state else state["normalise"]
+
+
+def _normalize(weight: torch.Tensor, how: str, eps: float) -> torch.Tensor:
     w = weight.float()
     if how == "sigmoid":
         return torch.sigmoid(w)

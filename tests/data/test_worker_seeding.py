@@ -56,8 +56,8 @@ def _generic():
 
 def _template_mix():
     # one modality: the single-modality variant fills random template blocks in each copy
-    templates = ModalityTemplates(["t1"], 16, init=-1.0)
-    mix = TemplateMixd("image", templates, ["t1"], block_mask=BlockMask(4, 0.5))
+    templates = ModalityTemplates(["t1"], shape=16, init=-1.0)
+    mix = TemplateMixd("image", templates, ["t1"], block_mask=BlockMask(4, mask_ratio=0.5))
     return mix, "image_view1", 1
 
 

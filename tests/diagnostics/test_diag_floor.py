@@ -336,7 +336,7 @@ def test_every_generator_of_mrissl_masking():
         assert 0 < r.masked_fraction < 1, name
     if hasattr(masking, "BlockMask"):
         r = collapsed_loss_floor(
-            volumes, masking.BlockMask(4, 0.5), patch_size=None, num_draws=4, generator=g
+            volumes, masking.BlockMask(4, mask_ratio=0.5), patch_size=None, num_draws=4, generator=g
         )
         assert r.masked_fraction == pytest.approx(0.5)
 

@@ -109,7 +109,7 @@ def test_ratio_outside_unit_interval_is_rejected(cls, ratio):
 
 def test_bad_arguments_raise_clear_errors():
     with pytest.raises(ValueError, match=r"BlockMask.*\[0, 1\)|mask_ratio"):
-        BlockMask(8, 1.0)
+        BlockMask(8, mask_ratio=1.0)
     with pytest.raises(TypeError, match="mask_ratio"):
         RandomTokenMask("0.5")
     with pytest.raises(ValueError, match="available must have shape"):

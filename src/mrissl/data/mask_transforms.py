@@ -179,7 +179,9 @@ class RandHybridMaskd(RandMaskd):
         patch: PatchMask | float | None = 0.5,
         **kwargs: Any,
     ) -> None:
-        super().__init__(keys, HybridMaskPattern(modal, position, patch), patch_size, **kwargs)
+        super().__init__(
+            keys, HybridMaskPattern(modal, position=position, patch=patch), patch_size, **kwargs
+        )
 
 
 class RandTokenMaskd(RandMaskd):
@@ -231,7 +233,9 @@ class RandBlockMaskd(RandMaskd):
         shared_across_modalities: bool = False,
         **kwargs: Any,
     ) -> None:
-        gen = BlockMask(block_size, mask_ratio, shared_across_modalities=shared_across_modalities)
+        gen = BlockMask(
+            block_size, mask_ratio=mask_ratio, shared_across_modalities=shared_across_modalities
+        )
         plain: Fill = 0.0 if isinstance(fill, str) and fill == "cross_modal" else fill
         super().__init__(keys, gen, gen.block_size, fill=plain, **kwargs)
         self.cross_modal = isinstance(fill, str) and fill == "cross_modal"

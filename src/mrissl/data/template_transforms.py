@@ -50,7 +50,7 @@ class TemplateMixd(WorkerSeeded, MapTransform):
         allow_missing_keys: do not raise for keys missing from the data.
 
     Examples:
-        >>> t = ModalityTemplates(["t1", "t2", "flair"], 24, init=-1.0)
+        >>> t = ModalityTemplates(["t1", "t2", "flair"], shape=24, init=-1.0)
         >>> mix = TemplateMixd("image", t, ["t1", "t2", "flair"]).set_random_state(0)
         >>> out = mix({"image": torch.rand(3, 16, 16, 16)})
         >>> out["image_view1"].shape, out["replaced"].shape
@@ -78,7 +78,7 @@ class TemplateMixd(WorkerSeeded, MapTransform):
         MapTransform.__init__(self, keys, allow_missing_keys)
         self.mix = TemplateMix(
             templates,
-            modalities,
+            modalities=modalities,
             max_replaced=max_replaced,
             min_replaced=min_replaced,
             counts=counts,

@@ -28,6 +28,7 @@ from mrissl.masking._base import _rand
 from mrissl.nn import grid_size
 
 __all__ = [
+    "CrossModalFill",
     "KeepIndices",
     "apply_mask",
     "cross_modal_fill",
@@ -180,6 +181,19 @@ class KeepIndices(NamedTuple):
     keep: torch.Tensor
     restore: torch.Tensor
     padding: torch.Tensor
+
+
+class CrossModalFill(NamedTuple):
+    """The result of [`cross_modal_fill`][mrissl.masking.cross_modal_fill].
+
+    Attributes:
+        volume: ``(B, C, D, H, W)`` the filled volume (``out`` when given).
+        source: ``(B, C)`` int64, the source modality of each case and modality (``-1`` =
+            none, ``fallback`` used).
+    """
+
+    volume: torch.Tensor
+    source: torch.Tensor
 
 
 def keep_indices(
@@ -508,7 +522,7 @@ def cross_modal_fill(
     generator: torch.Generator | None = None,
     fallback: float = 0.0,
     out: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> CrossModalFill:
     """BrainMVP cross-modal fill: masked voxels take the values of another modality.
 
     For each case ``b`` and modality ``c`` a source modality ``s ≠ c`` is drawn uniformly
@@ -537,9 +551,9 @@ def cross_modal_fill(
             a new allocation; no autograd; it must not share memory with ``volume``).
 
     Returns:
-        ``(filled, source)``: ``(B, C, D, H, W)`` filled volume (``out`` when given) and
-        ``(B, C)`` int64 source modality of each case and modality (``-1`` = none,
-        ``fallback`` used).
+        ``CrossModalFill(volume, source)``: the ``(B, C, D, H, W)`` filled volume (``out``
+        when given) and the ``(B, C)`` int64 source modality of each case and modality
+        (``-1`` = none, ``fallback`` used); it unpacks as ``filled, source = ...``.
 
     Raises:
         ValueError: for mismatched shapes, a bad ``available`` or a bad ``out``.
@@ -554,7 +568,7 @@ def cross_modal_fill(
         >>> filled[0, :, 0, 0, 0]  # each modality now holds its source's values
         tensor([1., 2., 1.])
         >>> cross_modal_fill(x, mask, 2, available=torch.tensor([[True, False, True]]),
-        ...                  generator=g)[1]  # modality 1 is missing: never a source
+        ...                  generator=g).source  # modality 1 is missing: never a source
         tensor([[ 2, -1,  0]])
     """
     check_tensor(volume, "volume", ndim=5)
@@ -580,8 +594,8 @@ def cross_modal_fill(
             )
         src = _source_volume(volume, source, fallback, out)
         if _needs_grad(volume):  # where(out=...) has no autograd
-            return torch.where(mask.to(device), src, volume), source
-        return torch.where(mask.to(device), src, volume, out=src), source
+            return CrossModalFill(torch.where(mask.to(device), src, volume), source)
+        return CrossModalFill(torch.where(mask.to(device), src, volume, out=src), source)
 
     if patch_size is None:
         raise ValueError(
@@ -601,11 +615,11 @@ def cross_modal_fill(
     if _needs_grad(volume):  # the in-place put-back below has no autograd
         kept = _row_mask(~m5, p[2])
         rows_grad = torch.where(kept, _rows(volume, p[0], p[1]), _rows(filled, p[0], p[1]))
-        return rows_grad.reshape(volume.shape), source
+        return CrossModalFill(rows_grad.reshape(volume.shape), source)
     # put the kept patches back, in place
     rows = _rows(filled, p[0], p[1])
     torch.where(_row_mask(~m5, p[2]), _rows(volume, p[0], p[1]), rows, out=rows)
-    return filled, source
+    return CrossModalFill(filled, source)
 
 
 def _needs_grad(volume: torch.Tensor) -> bool:

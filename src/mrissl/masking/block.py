@@ -66,8 +66,8 @@ class BlockMask(MaskGenerator):
     def __init__(
         self,
         block_size: int | Sequence[int] = 8,
-        mask_ratio: float = 0.875,
         *,
+        mask_ratio: float = 0.875,
         shared_across_modalities: bool = False,
     ) -> None:
         self.block_size: Triple = to_triple(block_size, "block_size")
@@ -147,7 +147,7 @@ class BlockMask(MaskGenerator):
 
         Examples:
             >>> g = torch.Generator().manual_seed(0)
-            >>> cubes = BlockMask(4, 0.5).sample_cubes(2, 3, 32, generator=g)
+            >>> cubes = BlockMask(4, mask_ratio=0.5).sample_cubes(2, 3, 32, generator=g)
             >>> cubes.shape
             torch.Size([2, 3, 32, 32, 32])
             >>> covered = cubes.flatten(2).float().mean(dim=2)

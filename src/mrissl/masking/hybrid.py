@@ -457,6 +457,7 @@ class HybridMaskPattern(MaskGenerator):
     def __init__(
         self,
         modal: ModalMask | int | None = 1,
+        *,
         position: PositionMask | float | None = 0.5,
         patch: PatchMask | float | None = 0.5,
     ) -> None:
