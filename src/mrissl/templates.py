@@ -29,7 +29,6 @@ and ``mrissl._checks``; nibabel is imported only inside
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -41,9 +40,11 @@ from torch import nn
 from mrissl._checks import (
     Triple,
     check_available,
+    check_choice,
     check_finite,
     check_floating,
     check_generator,
+    check_number,
     check_tensor,
     to_triple,
 )
@@ -70,11 +71,6 @@ _EXTRA_KEY = "_extra_state"
 
 # --------------------------------------------------------------------------------------------
 # validation helpers
-
-
-def _check_choice(value: Any, name: str, choices: tuple[str, ...]) -> None:
-    if not isinstance(value, str) or value not in choices:
-        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
 
 
 def _check_offsets(
@@ -263,7 +259,7 @@ def crop_templates(
         ValueError: offsets put crops of size (2, 2, 2) outside the template canvas (4, 4, 4) ...
     """
     check_tensor(templates, "templates", ndim=4)
-    _check_choice(padding, "padding", _PADDING)
+    check_choice(padding, "padding", _PADDING)
     check_tensor(modality_ids, "modality_ids", ndim=2)
     B, C = modality_ids.shape
     S, D, H, W = templates.shape
@@ -431,10 +427,9 @@ class ModalityTemplates(nn.Module):
         super().__init__()
         self.modalities: tuple[str, ...] = canonical_modalities(modalities, "modalities")
         canvas = to_triple(shape, "shape")
-        _check_choice(normalize, "normalize", _NORMALIZE)
-        _check_choice(padding, "padding", _PADDING)
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
-            raise ValueError(f"eps must be a positive number, got {eps!r}")
+        check_choice(normalize, "normalize", _NORMALIZE)
+        check_choice(padding, "padding", _PADDING)
+        eps = check_number(eps, "eps", low=0, low_open=True)
         self.normalize: Normalize = normalize
         self.eps = float(eps)
         self.padding: Padding = padding
@@ -637,8 +632,7 @@ class ModalityTemplates(nn.Module):
             >>> [g["lr"] for g in opt.param_groups]
             [0.0003, 0.005]
         """
-        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
-            raise ValueError(f"lr must be a positive number, got {lr!r}")
+        lr = check_number(lr, "lr", low=0, low_open=True)
         own = {id(p) for p in self.parameters()}
         group: dict[str, Any] = {"params": list(self.parameters()), "lr": float(lr)}
         group.setdefault("weight_decay", 0.0)
@@ -983,9 +977,9 @@ class TemplateMix(nn.Module):
         self.templates = templates
         self.modalities = canonical_modalities(modalities, "modalities")
         self.register_buffer("ids", templates.index(self.modalities), persistent=False)
-        self.min_replaced = _check_count(min_replaced, "min_replaced")
+        self.min_replaced = check_number(min_replaced, "min_replaced", low=0, integer=True)
         if max_replaced is not None:
-            max_replaced = _check_count(max_replaced, "max_replaced")
+            max_replaced = check_number(max_replaced, "max_replaced", low=0, integer=True)
             if max_replaced < max(self.min_replaced, 1):
                 raise ValueError(
                     f"max_replaced must be at least max(min_replaced, 1) = "
@@ -1102,14 +1096,6 @@ class TemplateMix(nn.Module):
         )
 
 
-def _check_count(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    if value < 0:
-        raise ValueError(f"{name} must be non-negative, got {value}")
-    return value
-
-
 def _stored_normalize(state: Mapping[str, Any]) -> Any:
     """The normalization of a saved state (``"normalise"`` in states saved by earlier versions)."""
     return state["normalize"] if "normalize" in state else state["normalise"]
@@ -1146,9 +1132,13 @@ def _initial(init: Any, shape: tuple[int, ...]) -> torch.Tensor:
         if not init.is_floating_point():
             raise TypeError(f"init tensor must be floating point, got dtype {init.dtype}")
         return check_finite(init.detach().clone().float(), "init tensor", always=True)
-    if isinstance(init, bool) or not isinstance(init, (int, float)) or not math.isfinite(init):
-        raise ValueError(f"init must be 'zeros', a finite number or a tensor, got {init!r}")
-    return torch.full(shape, float(init))
+    try:
+        value = check_number(init, "init")  # a ValueError for NaN or an infinity
+    except TypeError:
+        raise TypeError(
+            f"init must be 'zeros', a finite number or a tensor, got {type(init).__name__} {init!r}"
+        ) from None
+    return torch.full(shape, value)
 
 
 def _check_affine(affine: Any) -> torch.Tensor:

@@ -20,6 +20,7 @@ from mrissl._checks import (
     check_available,
     check_floating,
     check_generator,
+    check_number,
     check_tensor,
     to_triple,
 )
@@ -242,6 +243,7 @@ def keep_indices(
         ValueError: if the samples keep different numbers of tokens and ``pad`` is False, for
             a ``num_kept`` outside ``[0, C·N]``, and (value checks on) if a sample keeps more
             than ``num_kept`` tokens, or fewer without ``pad``.
+        TypeError: for a ``num_kept`` that is not an int.
 
     Examples:
         >>> mask = torch.tensor([[[False, True], [True, False]]])  # (B=1, C=2, N=2)
@@ -258,10 +260,8 @@ def keep_indices(
     _check_bool(mask, "mask")
     flat = mask.flatten(1)
     L = flat.shape[1]
-    if num_kept is not None and (
-        isinstance(num_kept, bool) or not isinstance(num_kept, int) or not 0 <= num_kept <= L
-    ):
-        raise ValueError(f"num_kept must be an int in [0, {L}] (C·N of the mask), got {num_kept!r}")
+    if num_kept is not None:  # at most L = C·N of the mask
+        num_kept = check_number(num_kept, "num_kept", low=0, high=L, integer=True)
     if flat.shape[0] == 0:  # an empty batch keeps nothing (and has no min or max count)
         K0 = 0 if num_kept is None else num_kept
         index = torch.zeros((0, K0), dtype=torch.long, device=mask.device)

@@ -20,13 +20,11 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from mrissl._checks import Triple, check_available, to_triple
+from mrissl._checks import Triple, check_available, check_number, to_triple
 from mrissl._settings import values_checked
 from mrissl.masking._base import (
     MaskGenerator,
     _check_grid_args,
-    _check_int,
-    _check_ratio,
     _count,
     _random_k,
     _resolve_device,
@@ -71,7 +69,7 @@ class BlockMask(MaskGenerator):
         shared_across_modalities: bool = False,
     ) -> None:
         self.block_size: Triple = to_triple(block_size, "block_size")
-        self.mask_ratio = _check_ratio(mask_ratio, "mask_ratio")
+        self.mask_ratio = check_number(mask_ratio, "mask_ratio", low=0, high=1, high_open=True)
         self.shared_across_modalities = bool(shared_across_modalities)
         self._default_patch_size = self.block_size
 
@@ -154,8 +152,8 @@ class BlockMask(MaskGenerator):
             >>> bool((covered >= 0.5).all()), bool((covered < 0.5 + 64 / 32**3).all())
             (True, True)
         """
-        B = _check_int(batch_size, "batch_size", 1)
-        C = _check_int(num_modalities, "num_modalities", 1)
+        B = check_number(batch_size, "batch_size", low=1, integer=True)
+        C = check_number(num_modalities, "num_modalities", low=1, integer=True)
         size = to_triple(img_size, "img_size")
         if until not in ("covered", "counted"):
             raise ValueError(f"until must be 'covered' or 'counted', got {until!r}")
