@@ -18,6 +18,7 @@ import torch
 from mrissl._checks import (
     Triple,
     check_available,
+    check_choice,
     check_floating,
     check_generator,
     check_number,
@@ -151,8 +152,7 @@ def voxels_to_mask(
     """
     check_tensor(voxel_mask, "voxel_mask", ndim=5)
     _check_bool(voxel_mask, "voxel_mask")
-    if rule not in ("any", "all", "majority"):
-        raise ValueError(f"rule must be 'any', 'all' or 'majority', got {rule!r}")
+    check_choice(rule, "rule", ("any", "all", "majority"))
     p0, p1, p2 = to_triple(patch_size, "patch_size")
     gd, gh, gw = grid_size(tuple(voxel_mask.shape[2:]), (p0, p1, p2))
     B, C = voxel_mask.shape[:2]

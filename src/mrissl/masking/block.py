@@ -20,7 +20,14 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from mrissl._checks import Triple, check_available, check_number, to_triple
+from mrissl._checks import (
+    Triple,
+    check_available,
+    check_bool,
+    check_choice,
+    check_number,
+    to_triple,
+)
 from mrissl._settings import values_checked
 from mrissl.masking._base import (
     MaskGenerator,
@@ -70,7 +77,9 @@ class BlockMask(MaskGenerator):
     ) -> None:
         self.block_size: Triple = to_triple(block_size, "block_size")
         self.mask_ratio = check_number(mask_ratio, "mask_ratio", low=0, high=1, high_open=True)
-        self.shared_across_modalities = bool(shared_across_modalities)
+        self.shared_across_modalities = check_bool(
+            shared_across_modalities, "shared_across_modalities"
+        )
         self._default_patch_size = self.block_size
 
     def expected_mask_ratio(self, num_modalities: int, num_tokens: int) -> float:
@@ -155,8 +164,7 @@ class BlockMask(MaskGenerator):
         B = check_number(batch_size, "batch_size", low=1, integer=True)
         C = check_number(num_modalities, "num_modalities", low=1, integer=True)
         size = to_triple(img_size, "img_size")
-        if until not in ("covered", "counted"):
-            raise ValueError(f"until must be 'covered' or 'counted', got {until!r}")
+        check_choice(until, "until", ("covered", "counted"))
         dev = _resolve_device(device, generator)
         avail = check_available(available, B, C, dev)
         V = size[0] * size[1] * size[2]

@@ -10,6 +10,7 @@ from torch import nn
 
 from mrissl._checks import (
     check_available,
+    check_choice,
     check_floating,
     check_generator,
     check_number,
@@ -125,9 +126,7 @@ class TemplateMix(nn.Module):
         counts: Literal["different", "independent"] = "different",
     ) -> None:
         super().__init__()
-        if counts not in ("different", "independent"):
-            raise ValueError(f"counts must be 'different' or 'independent', got {counts!r}")
-        self.counts = counts
+        self.counts = check_choice(counts, "counts", ("different", "independent"))
         if not isinstance(templates, ModalityTemplates):
             raise TypeError(
                 f"templates must be a ModalityTemplates, got {type(templates).__name__}"
