@@ -275,8 +275,8 @@ def cases(quick: bool, device: torch.device) -> Iterator[Case]:
         ours=ours_block(x, r, g),
         baseline=lambda: brainmvp_block_fill(x, r, 0.875, rng),
         description=(
-            f"BlockMask({r}, 0.875) + cross_modal_fill; baseline: released BrainMVP approach "
-            "(NumPy mask per case and modality, bool-index scatter)"
+            f"BlockMask({r}, mask_ratio=0.875) + cross_modal_fill; baseline: released BrainMVP "
+            "approach (NumPy mask per case and modality, bool-index scatter)"
         ),
         target_time=0.2,
         target_memory=None,

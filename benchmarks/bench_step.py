@@ -201,9 +201,9 @@ def brainmvp_cases(size: Size, device: torch.device, compile_step: bool) -> Iter
     C, P, S, B = len(MODALITIES), size.patch, size.img, size.batch
     vit = _vit(size, 1, device)
     head = nn.Linear(size.embed, P**3).to(device)
-    templates = ModalityTemplates(MODALITIES, S + 8).to(device)
+    templates = ModalityTemplates(MODALITIES, shape=S + 8).to(device)
     params = [*vit.parameters(), *head.parameters(), *templates.parameters()]
-    masker = BlockMask(P, 0.875)
+    masker = BlockMask(P, mask_ratio=0.875)
     g = torch.Generator().manual_seed(0)
     x = torch.rand(B, C, S, S, S, device=device)  # all modalities of each case
     mods = torch.randint(0, C, (B,), generator=g).to(device)  # the input modality of each case

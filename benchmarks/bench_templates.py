@@ -51,10 +51,10 @@ def adam_state_mib(shape: tuple[int, ...]) -> float:
 def cases(quick: bool, device: torch.device) -> Iterator[Case]:
     canvas, crop, batch = ((48, 56, 48), 32, 8) if quick else ((160, 192, 160), 96, 8)
     g = torch.Generator().manual_seed(0)
-    templates = ModalityTemplates(MODS, canvas, init=torch.randn(8, *canvas, generator=g))
+    templates = ModalityTemplates(MODS, shape=canvas, init=torch.randn(8, *canvas, generator=g))
     templates = templates.to(device)
     x = torch.rand(batch, 1, crop, crop, crop, generator=g).to(device)
-    tokens = BlockMask(8, 0.875).sample(batch, 1, (crop // 8,) * 3, generator=g)
+    tokens = BlockMask(8, mask_ratio=0.875).sample(batch, 1, (crop // 8,) * 3, generator=g)
     mask = mask_to_voxels(tokens, 8, crop).to(device)
     ids = torch.randint(0, 8, (batch,), generator=g).to(device)
     hi = torch.tensor([c - crop for c in canvas])

@@ -79,13 +79,13 @@ def main() -> None:
     mods = torch.randint(0, len(MODALITIES), (batch,), generator=g)
     x = crops[torch.arange(batch), mods][:, None]  # (B, 1, d, h, w), the target
 
-    templates = ModalityTemplates(MODALITIES, head)  # canvas = the head's grid
+    templates = ModalityTemplates(MODALITIES, shape=head)  # canvas = the head's grid
     net = TinyUNet()
     opt = torch.optim.Adam(
         [{"params": net.parameters()}, *templates.parameter_groups(5e-3)], lr=3e-4
     )
 
-    masker = BlockMask(8, 0.875)
+    masker = BlockMask(8, mask_ratio=0.875)
     # view f: cross-modal fill on all four channels, then keep the input's channel
     mask_f = masker(crops, generator=g)  # (B, 4, N)
     f_all, _ = cross_modal_fill(crops, mask_f, 8, generator=g)

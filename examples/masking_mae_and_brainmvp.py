@@ -83,7 +83,7 @@ def main() -> None:
     loss_mae.backward()
 
     # 2. BrainMVP: cross-modal view and template view, each reconstructing the unmasked x
-    blocks = BlockMask(block, 0.875)
+    blocks = BlockMask(block, mask_ratio=0.875)
     templates = nn.Parameter(torch.zeros(1, C, size, size, size, device=device))
     cross_mask = blocks(x, available=available, generator=g)
     x_cross, source = cross_modal_fill(x, cross_mask, block, available=available, generator=g)

@@ -77,8 +77,8 @@ def _floor(data: Any, **kw: Any) -> Any:
 
 
 def _mix() -> templates.TemplateMix:
-    t = templates.ModalityTemplates(["t1", "t1ce", "t2", "flair"], 8)
-    return templates.TemplateMix(t, ["t1", "t1ce", "t2", "flair"])
+    t = templates.ModalityTemplates(["t1", "t1ce", "t2", "flair"], shape=8)
+    return templates.TemplateMix(t, modalities=["t1", "t1ce", "t2", "flair"])
 
 
 ROWS: list[Row] = [
@@ -123,7 +123,7 @@ ROWS: list[Row] = [
     Row(
         "masking",
         "block mask with int generator",
-        lambda: masking.BlockMask(4, 0.5)(X, generator=0),  # type: ignore[arg-type]
+        lambda: masking.BlockMask(4, mask_ratio=0.5)(X, generator=0),  # type: ignore[arg-type]
         TypeError,
         "generator",
     ),
@@ -625,7 +625,9 @@ ROWS: list[Row] = [
     Row(
         "templates",
         "init tensor NaN",
-        lambda: templates.ModalityTemplates(["t1"], 4, init=torch.full((1, 4, 4, 4), float("nan"))),
+        lambda: templates.ModalityTemplates(
+            ["t1"], shape=4, init=torch.full((1, 4, 4, 4), float("nan"))
+        ),
         ValueError,
         "init",
     ),
@@ -633,7 +635,7 @@ ROWS: list[Row] = [
         "templates",
         "init tensor Inf",
         lambda: templates.ModalityTemplates(
-            ["t1"], 4, init=_with(float("inf"), torch.zeros(1, 4, 4, 4))
+            ["t1"], shape=4, init=_with(float("inf"), torch.zeros(1, 4, 4, 4))
         ),
         ValueError,
         "init",
@@ -641,14 +643,14 @@ ROWS: list[Row] = [
     Row(
         "templates",
         "init number NaN",
-        lambda: templates.ModalityTemplates(["t1"], 4, init=float("nan")),
+        lambda: templates.ModalityTemplates(["t1"], shape=4, init=float("nan")),
         ValueError,
         "init",
     ),
     Row(
         "templates",
         "init unknown text",
-        lambda: templates.ModalityTemplates(["t1"], 4, init="ones"),
+        lambda: templates.ModalityTemplates(["t1"], shape=4, init="ones"),
         ValueError,
         "init",
     ),  # type: ignore[arg-type]
@@ -656,25 +658,29 @@ ROWS: list[Row] = [
         "templates",
         "init integer tensor",
         lambda: templates.ModalityTemplates(
-            ["t1"], 4, init=torch.zeros(1, 4, 4, 4, dtype=torch.long)
+            ["t1"], shape=4, init=torch.zeros(1, 4, 4, 4, dtype=torch.long)
         ),
         TypeError,
         "init",
     ),
     Row(
-        "templates", "canvas 0", lambda: templates.ModalityTemplates(["t1"], 0), ValueError, "shape"
+        "templates",
+        "canvas 0",
+        lambda: templates.ModalityTemplates(["t1"], shape=0),
+        ValueError,
+        "shape",
     ),
     Row(
         "templates",
         "unknown modality",
-        lambda: templates.ModalityTemplates(["t7"], 4),
+        lambda: templates.ModalityTemplates(["t7"], shape=4),
         ValueError,
         "t7",
     ),
     Row(
         "templates",
         "fill unknown modality",
-        lambda: templates.ModalityTemplates(["t1"], 8).fill(X[:, :1], VMASK[:, :1], ["t2"]),
+        lambda: templates.ModalityTemplates(["t1"], shape=8).fill(X[:, :1], VMASK[:, :1], ["t2"]),
         ValueError,
         "t2",
     ),

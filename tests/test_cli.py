@@ -253,7 +253,7 @@ def test_templates_export_writes_one_nifti_per_modality(tmp_path, capsys):
     from mrissl.templates import ModalityTemplates
 
     model = torch.nn.Module()
-    model.templates = ModalityTemplates(["t1", "flair"], (6, 5, 4), init=0.25)
+    model.templates = ModalityTemplates(["t1", "flair"], shape=(6, 5, 4), init=0.25)
     torch.save({"model": model.state_dict(), "epoch": 3}, tmp_path / "ckpt.pt")
     code = main(
         [

@@ -79,7 +79,7 @@ def paths(tmp_path_factory):
     root = tmp_path_factory.mktemp("contract")
     torch.save(torch.randn(20, 4, generator=torch.Generator().manual_seed(0)), root / "z.pt")
     model = torch.nn.Module()
-    model.templates = ModalityTemplates(["t1", "flair"], (4, 4, 4), init=0.5)
+    model.templates = ModalityTemplates(["t1", "flair"], shape=(4, 4, 4), init=0.5)
     torch.save(model.state_dict(), root / "ckpt.pt")
     (root / "corrupt.pt").write_bytes(b"PK\x03\x04 not really a zip")
     (root / "text.txt").write_text("hello\n")

@@ -61,7 +61,7 @@ def _figures() -> dict[str, Callable[[torch.Tensor, torch.Generator], tuple[torc
         return x, BlockMask(BLOCK).sample_cubes(1, x.shape[1], SIZE, generator=g)
 
     def cross(x: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, Any]:
-        mask = BlockMask(BLOCK, 0.5)(x, generator=g)
+        mask = BlockMask(BLOCK, mask_ratio=0.5)(x, generator=g)
         filled, _ = cross_modal_fill(x, mask, BLOCK, generator=g)
         return filled, mask
 

@@ -1,5 +1,8 @@
 """Reading users' files: one checked path for NIfTI volumes and one for saved tensors (private).
 
+Writing NIfTI volumes goes through here too (``write_nifti``, used by
+[`ModalityTemplates.to_nifti`][mrissl.templates.ModalityTemplates.to_nifti]).
+
 Every reader of a file the user supplies goes through here: [`load_case`][mrissl.data.load_case],
 [`ModalityTemplates.from_nifti`][mrissl.templates.ModalityTemplates.from_nifti], ``mrissl rank``
 and ``mrissl templates export``. The contract:
@@ -205,6 +208,25 @@ def read_nifti(
     place = where or str(path)
     data = read_voxels(img, where=place, nan_policy=nan_policy, stacklevel=4)
     return data, np.asarray(img.affine, dtype=np.float64), img.header
+
+
+def write_nifti(path: PathLike, data: Any, affine: Any, *, descrip: str = "") -> Path:
+    """Write one 3-D volume as a NIfTI-1 file (float32 voxels, float64 affine, millimetres).
+
+    The writing counterpart of ``read_nifti``: ``data`` is a ``(D, H, W)`` array, ``affine``
+    a ``(4, 4)`` array; ``descrip`` (at most 80 bytes) goes into the header's description.
+    The suffix of ``path`` (``.nii`` or ``.nii.gz``) chooses the compression. Returns ``path``.
+    """
+    import nibabel
+    import numpy as np
+
+    nib: Any = nibabel  # nibabel's partial annotations would make every call "untyped"
+    img = nib.Nifti1Image(np.asarray(data, dtype=np.float32), np.asarray(affine, np.float64))
+    img.header["descrip"] = descrip.encode()
+    img.header.set_xyzt_units("mm")
+    out = Path(path)
+    nib.save(img, str(out))
+    return out
 
 
 def load_tensors(path: PathLike, *, what: str = "file") -> Any:

@@ -542,7 +542,7 @@ def _templates_export(args: argparse.Namespace) -> int:
         affine = torch.diag(torch.tensor([*args.spacing, 1.0], dtype=torch.float64))
     try:
         templates = ModalityTemplates.from_state_dict(state, prefix=args.prefix)
-        paths = templates.to_nifti(args.folder, affine=affine, normalised=not args.raw)
+        paths = templates.to_nifti(args.folder, affine=affine, normalized=not args.raw)
     except (ValueError, OSError) as err:
         raise CLIError(_first_line(err)) from None
     shape = "×".join(str(s) for s in templates.shape)

@@ -332,7 +332,7 @@ def test_cross_modal_fill_matches_reference(ratio, device):
     g = torch.Generator().manual_seed(0)
     x = torch.rand(3, 4, 8, 8, 8, generator=g)
     available = torch.tensor([[True] * 4, [True, False, True, True], [False, False, True, False]])
-    mask = BlockMask(4, ratio).sample(3, 4, 8, available=available, generator=g)
+    mask = BlockMask(4, mask_ratio=ratio).sample(3, 4, 8, available=available, generator=g)
     gd = torch.Generator(device).manual_seed(1)
     filled, source = cross_modal_fill(
         x.to(device), mask.to(device), 4, available=available, generator=gd, fallback=-1.0
@@ -399,7 +399,7 @@ def test_cross_modal_fill_out_matches_the_fresh_result(kind, device):
     g = torch.Generator().manual_seed(3)
     x = torch.randn(3, 4, 8, 8, 8, generator=g).to(device)
     available = torch.tensor([[True] * 4, [True, False, True, True], [False, False, True, False]])
-    mask = BlockMask(4, 0.5)(x, generator=torch.Generator(device).manual_seed(0))
+    mask = BlockMask(4, mask_ratio=0.5)(x, generator=torch.Generator(device).manual_seed(0))
     patch = 4
     if kind == "voxels":
         mask, patch = mask_to_voxels(mask, 4, (8, 8, 8)), None

@@ -24,14 +24,14 @@ def test_released_code_count_at_96_cubed():
 @settings(max_examples=30, deadline=None)
 @given(st.integers(1, 3), st.integers(1, 4), st.integers(1, 200), st.floats(0, 0.99))
 def test_block_mask_masks_exactly_floor_n_ratio_per_modality(B, C, N, ratio):
-    mask = BlockMask(8, ratio).sample(B, C, N)
+    mask = BlockMask(8, mask_ratio=ratio).sample(B, C, N)
     assert (mask.sum(dim=2) == math.floor(N * ratio + 1e-9)).all()
 
 
 def test_modalities_draw_their_own_blocks_unless_shared():
-    own = BlockMask(4, 0.5).sample(4, 3, 64)
+    own = BlockMask(4, mask_ratio=0.5).sample(4, 3, 64)
     assert not (own == own[:, :1]).all()
-    shared = BlockMask(4, 0.5, shared_across_modalities=True).sample(4, 3, 64)
+    shared = BlockMask(4, mask_ratio=0.5, shared_across_modalities=True).sample(4, 3, 64)
     assert (shared == shared[:, :1]).all()
 
 
@@ -70,7 +70,7 @@ def test_first_cover_equals_painting_cubes_in_order(size, r):
 
 
 def test_cubes_stop_at_the_first_cube_reaching_the_ratio():
-    gen = BlockMask(4, 0.6)
+    gen = BlockMask(4, mask_ratio=0.6)
     mask = gen.sample_cubes(3, 2, 24, generator=torch.Generator().manual_seed(0))
     covered = mask.flatten(2).sum(dim=2)
     target = math.ceil(0.6 * 24**3)
@@ -80,7 +80,7 @@ def test_cubes_stop_at_the_first_cube_reaching_the_ratio():
 
 def test_counted_cubes_cover_about_one_minus_exp_minus_ratio():
     # the literal pseudo-code: ceil(p* · V / r³) cubes, overlaps counted twice
-    mask = BlockMask(4, 0.875).sample_cubes(
+    mask = BlockMask(4, mask_ratio=0.875).sample_cubes(
         4, 2, 32, until="counted", generator=torch.Generator().manual_seed(0)
     )
     covered = mask.float().mean().item()
@@ -88,7 +88,7 @@ def test_counted_cubes_cover_about_one_minus_exp_minus_ratio():
 
 
 def test_cubes_mask_missing_modalities_and_are_seeded():
-    gen = BlockMask(4, 0.5)
+    gen = BlockMask(4, mask_ratio=0.5)
     available = torch.tensor([[True, False]])
     a = gen.sample_cubes(1, 2, 16, available=available, generator=torch.Generator().manual_seed(5))
     b = gen.sample_cubes(1, 2, 16, available=available, generator=torch.Generator().manual_seed(5))
@@ -99,6 +99,6 @@ def test_cubes_mask_missing_modalities_and_are_seeded():
 
 
 def test_cubes_on_device(device):
-    mask = BlockMask(4, 0.5).sample_cubes(2, 2, 16, device=device)
+    mask = BlockMask(4, mask_ratio=0.5).sample_cubes(2, 2, 16, device=device)
     assert mask.device.type == device.type
     assert (mask.flatten(2).float().mean(dim=2) >= 0.5).all()

@@ -20,7 +20,7 @@ def test_montage_has_one_panel_per_modality_and_sample_and_writes_a_png(tmp_path
 
 
 def test_montage_accepts_voxel_masks_and_single_cases():
-    cubes = BlockMask(4, 0.5).sample_cubes(1, 2, 16)
+    cubes = BlockMask(4, mask_ratio=0.5).sample_cubes(1, 2, 16)
     fig = plot_masks(torch.rand(2, 16, 16, 16), cubes[0], axis=2, slice_index=3)
     assert len(fig.axes) == 2
 

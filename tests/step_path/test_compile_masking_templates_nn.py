@@ -78,8 +78,8 @@ _OFFSETS = torch.tensor([[0, 2, 4], [4, 4, 1]])  # crops of 8³ in a 12³ canvas
 _IDS = torch.tensor([[0, 1, 2], [2, 0, 1]])
 
 
-def _templates(normalise: str = "none", padding: str = "error") -> ModalityTemplates:
-    t = ModalityTemplates(NAMES, 12, normalise=normalise, padding=padding)  # type: ignore[arg-type]
+def _templates(normalize: str = "none", padding: str = "error") -> ModalityTemplates:
+    t = ModalityTemplates(NAMES, shape=12, normalize=normalize, padding=padding)  # type: ignore[arg-type]
     with torch.no_grad():
         t.weight.copy_(torch.randn(t.weight.shape, generator=torch.Generator().manual_seed(9)))
     return t
@@ -121,7 +121,7 @@ _pe_per_mod = _patch_embed(layout="per_modality", shared_proj=False)
 _pe_grid = _patch_embed(output_fmt="NDHWC", norm_layer=torch.nn.LayerNorm)
 _tm = {name: _templates(name) for name in ("none", "sigmoid", "minmax")}
 _tm_zeros = _templates(padding="zeros")
-_mix = TemplateMix(_templates(), NAMES, block_mask=BlockMask(4, 0.5))
+_mix = TemplateMix(_templates(), modalities=NAMES, block_mask=BlockMask(4, mask_ratio=0.5))
 _fill_tensor = torch.linspace(-1, 1, S**3).view(1, 1, S, S, S).requires_grad_()
 
 
@@ -145,10 +145,12 @@ CASES: dict[str, Case] = {
     "HybridMaskPattern-available": Case(
         lambda x, a: HybridMaskPattern()(x, P, available=a), _vol_avail
     ),
-    "BlockMask": Case(lambda x, a: BlockMask(4, 0.5)(x, available=a), _vol_avail),
-    "BlockMask.sample_cubes": Case(lambda x: BlockMask(2, 0.5).sample_cubes(B, C, S), _vol),
+    "BlockMask": Case(lambda x, a: BlockMask(4, mask_ratio=0.5)(x, available=a), _vol_avail),
+    "BlockMask.sample_cubes": Case(
+        lambda x: BlockMask(2, mask_ratio=0.5).sample_cubes(B, C, S), _vol
+    ),
     "BlockMask.sample_cubes-counted": Case(
-        lambda x: BlockMask(2, 0.5).sample_cubes(B, C, S, until="counted"), _vol
+        lambda x: BlockMask(2, mask_ratio=0.5).sample_cubes(B, C, S, until="counted"), _vol
     ),
     # applying masks
     "apply_mask-zero": Case(lambda x, m: apply_mask(x, m, P), _vol_mask),
@@ -278,7 +280,7 @@ def _emim_input(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
 
 
 def _brainmvp_views(x: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    blocks = BlockMask(P, 0.5)(x, available=a)
+    blocks = BlockMask(P, mask_ratio=0.5)(x, available=a)
     filled, source = cross_modal_fill(x, blocks, P, available=a)
     view_g = _tm["sigmoid"].fill(x, mask_to_voxels(blocks, P, S), _IDS, _OFFSETS)
     return blocks, filled, source, view_g

@@ -131,8 +131,8 @@ def brainmvp_step(device: torch.device, losses: str) -> Callable[[], Any]:
     """Build the network and templates once; the step masks, fills and trains."""
     torch.manual_seed(0)
     net = nn.Conv3d(1, 8, 4, stride=4).to(device)
-    templates = ModalityTemplates(MODALITIES, 24).to(device)
-    masker = BlockMask(4, 0.75)
+    templates = ModalityTemplates(MODALITIES, shape=24).to(device)
+    masker = BlockMask(4, mask_ratio=0.75)
     g = torch.Generator(device=device).manual_seed(0)
     x = torch.rand(B, C, S, S, S, device=device)  # every modality of each case
     mods = torch.tensor([0, 2], device=device)  # the input modality of each case

@@ -68,7 +68,7 @@ def test_template_ids_and_offsets_outside_the_canvas_never_pass() -> None:
 
 
 def test_module_fill_reads_nothing_with_ids_and_centred_crops() -> None:
-    t = ModalityTemplates(["t1", "t2"], 8, init=3.0)
+    t = ModalityTemplates(["t1", "t2"], shape=8, init=3.0)
     x = torch.zeros(2, 2, 4, 4, 4)
     mask = torch.rand(2, 2, 4, 4, 4) < 0.5
     ids = torch.tensor([[1, 0], [0, 1]])
@@ -98,7 +98,7 @@ def test_keep_indices_with_num_kept_reads_nothing_and_checks_when_asked() -> Non
 
 
 def test_sample_cubes_is_the_same_draw_with_and_without_checks() -> None:
-    gen = BlockMask(4, 0.75)
+    gen = BlockMask(4, mask_ratio=0.75)
     with mrissl.checks("values"):
         on = gen.sample_cubes(2, 2, 16, generator=torch.Generator().manual_seed(3))
     with mrissl.checks("none"), forbid_host_sync():

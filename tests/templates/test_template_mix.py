@@ -15,7 +15,7 @@ MODS = ["t1", "t1ce", "t2", "flair"]
 def _templates(C=4, size=12):
     # template c is the constant -(c + 1): every replaced voxel says where it came from
     init = -torch.arange(1.0, C + 1).view(C, 1, 1, 1).expand(C, size, size, size)
-    return ModalityTemplates(MODS[:C], size, init=init)
+    return ModalityTemplates(MODS[:C], shape=size, init=init)
 
 
 @settings(max_examples=30, deadline=None)
@@ -27,7 +27,7 @@ def _templates(C=4, size=12):
 def test_never_replaces_every_present_modality(present, seed, max_replaced):
     available = torch.tensor(present)
     available[available.sum(dim=1) == 0, 0] = True
-    mix = TemplateMix(_templates(), MODS, max_replaced=max_replaced)
+    mix = TemplateMix(_templates(), modalities=MODS, max_replaced=max_replaced)
     x = torch.rand(len(present), 4, 8, 8, 8)
     views = mix(x, available=available, generator=torch.Generator().manual_seed(seed))
     for replaced in (views.replaced1, views.replaced2):
@@ -43,7 +43,7 @@ def test_never_replaces_every_present_modality(present, seed, max_replaced):
 
 def test_views_duplicate_the_input_channel_by_channel(gen):
     """Each copy is the whole case with some channels swapped (not interleaved channels)."""
-    mix = TemplateMix(_templates(), ["T1", "T1Gd", "T2", "FLAIR"])
+    mix = TemplateMix(_templates(), modalities=["T1", "T1Gd", "T2", "FLAIR"])
     x = torch.rand(5, 4, 8, 8, 8, generator=gen)
     views = mix(x, generator=gen)
     for view, replaced in ((views.view1, views.replaced1), (views.view2, views.replaced2)):
@@ -57,15 +57,15 @@ def test_views_duplicate_the_input_channel_by_channel(gen):
 
 
 def test_channels_map_to_their_own_templates_in_any_order(gen):
-    mix = TemplateMix(_templates(), ["flair", "t1"], min_replaced=1)
+    mix = TemplateMix(_templates(), modalities=["flair", "t1"], min_replaced=1)
     views = mix(torch.rand(4, 2, 6, 6, 6, generator=gen), generator=gen)
     assert bool((views.view1[:, 0][views.replaced1[:, 0]] == -4).all())
     assert bool((views.view1[:, 1][views.replaced1[:, 1]] == -1).all())
 
 
 def test_single_modality_cases_get_template_blocks(gen):
-    block = BlockMask(4, 0.5)
-    mix = TemplateMix(_templates(), ["t2"], block_mask=block)
+    block = BlockMask(4, mask_ratio=0.5)
+    mix = TemplateMix(_templates(), modalities=["t2"], block_mask=block)
     x = torch.rand(3, 1, 8, 8, 8, generator=gen)
     views = mix(x, generator=gen)
     assert not bool(views.replaced1.any())
@@ -78,7 +78,7 @@ def test_single_modality_cases_get_template_blocks(gen):
 
 
 def test_case_with_one_present_modality_uses_blocks_in_that_modality_only(gen):
-    mix = TemplateMix(_templates(), MODS, block_mask=BlockMask(4, 0.5))
+    mix = TemplateMix(_templates(), modalities=MODS, block_mask=BlockMask(4, mask_ratio=0.5))
     available = torch.tensor([[False, True, False, False], [True, True, True, True]])
     x = torch.rand(2, 4, 8, 8, 8, generator=gen)
     views = mix(x, available=available, generator=gen)
@@ -88,7 +88,7 @@ def test_case_with_one_present_modality_uses_blocks_in_that_modality_only(gen):
 
 
 def test_same_seed_same_views_and_global_rng_untouched(gen):
-    mix = TemplateMix(_templates(), MODS)
+    mix = TemplateMix(_templates(), modalities=MODS)
     x = torch.rand(4, 4, 8, 8, 8, generator=gen)
     state = torch.get_rng_state()
     a = mix(x, generator=torch.Generator().manual_seed(3))
@@ -100,7 +100,7 @@ def test_same_seed_same_views_and_global_rng_untouched(gen):
 
 def test_templates_are_frozen_in_the_mix(gen):
     templates = _templates()
-    mix = TemplateMix(templates, MODS)
+    mix = TemplateMix(templates, modalities=MODS)
     x = torch.rand(2, 4, 8, 8, 8, generator=gen, requires_grad=True)
     views = mix(x, generator=gen)
     (views.view1.sum() + views.view2.sum()).backward()
@@ -109,7 +109,7 @@ def test_templates_are_frozen_in_the_mix(gen):
 
 
 def test_mix_on_device_with_offsets(device):
-    mix = TemplateMix(_templates(size=16), MODS).to(device)
+    mix = TemplateMix(_templates(size=16), modalities=MODS).to(device)
     x = torch.rand(2, 4, 8, 8, 8, device=device)
     gen = torch.Generator(device=device.type).manual_seed(0)
     views = mix(x, offsets=torch.tensor([[0, 0, 0], [8, 8, 8]]), generator=gen)
@@ -118,12 +118,12 @@ def test_mix_on_device_with_offsets(device):
 
 def test_bad_input_raises():
     with pytest.raises(ValueError, match=r"has no template; the templates are"):
-        TemplateMix(_templates(C=2), ["t1", "flair"])
-    mix = TemplateMix(_templates(), MODS)
+        TemplateMix(_templates(C=2), modalities=["t1", "flair"])
+    mix = TemplateMix(_templates(), modalities=MODS)
     with pytest.raises(ValueError, match="volume has C = 3 channels"):
         mix(torch.rand(1, 3, 4, 4, 4))
     with pytest.raises(ValueError, match="max_replaced must be at least"):
-        TemplateMix(_templates(), MODS, min_replaced=2, max_replaced=1)
+        TemplateMix(_templates(), modalities=MODS, min_replaced=2, max_replaced=1)
     with pytest.raises(ValueError, match="offsets put crops"):
         mix(torch.rand(1, 4, 8, 8, 8), offsets=torch.tensor([[6, 0, 0]]))
 
@@ -180,7 +180,9 @@ def test_copies_never_share_a_count_when_three_modalities_are_present(
     """BrainMVP supplement A: the two copies replace different numbers of modalities."""
     available = torch.tensor(present)
     available[available.sum(dim=1) == 0, 0] = True
-    mix = TemplateMix(_templates(), MODS, min_replaced=min_replaced, max_replaced=max_replaced)
+    mix = TemplateMix(
+        _templates(), modalities=MODS, min_replaced=min_replaced, max_replaced=max_replaced
+    )
     x = torch.rand(len(present), 4, 8, 8, 8)
     views = mix(x, available=available, generator=torch.Generator().manual_seed(seed))
     k1, k2 = views.replaced1.sum(dim=1), views.replaced2.sum(dim=1)
@@ -197,11 +199,11 @@ def test_copies_never_share_a_count_when_three_modalities_are_present(
 
 
 def test_two_modalities_replace_one_each_and_never_the_same_one(gen):
-    mix = TemplateMix(_templates(C=2), MODS[:2])
+    mix = TemplateMix(_templates(C=2), modalities=MODS[:2])
     views = mix(torch.rand(64, 2, 8, 8, 8, generator=gen), generator=gen)
     assert views.replaced1.sum(dim=1).tolist() == [1] * 64
     assert bool((views.replaced1 ^ views.replaced2).all())  # complementary
-    literal = TemplateMix(_templates(C=2), MODS[:2], min_replaced=0)(
+    literal = TemplateMix(_templates(C=2), modalities=MODS[:2], min_replaced=0)(
         torch.rand(64, 2, 8, 8, 8, generator=gen), generator=gen
     )
     counts = set(
@@ -211,7 +213,7 @@ def test_two_modalities_replace_one_each_and_never_the_same_one(gen):
 
 
 def test_count_pairs_are_uniform_over_distinct_pairs(gen):
-    mix = TemplateMix(_templates(), MODS)  # counts 1..3: six ordered distinct pairs
+    mix = TemplateMix(_templates(), modalities=MODS)  # counts 1..3: six ordered distinct pairs
     views = mix(torch.rand(6000, 4, 4, 4, 4, generator=gen), generator=gen)
     pairs = views.replaced1.sum(1) * 4 + views.replaced2.sum(1)
     freq = torch.bincount(pairs, minlength=16).double() / 6000
@@ -222,7 +224,7 @@ def test_count_pairs_are_uniform_over_distinct_pairs(gen):
 
 
 def test_independent_counts_keep_the_old_draw(gen):
-    mix = TemplateMix(_templates(), MODS, counts="independent")
+    mix = TemplateMix(_templates(), modalities=MODS, counts="independent")
     views = mix(torch.rand(6000, 4, 4, 4, 4, generator=gen), generator=gen)
     same = (views.replaced1.sum(1) == views.replaced2.sum(1)).double().mean().item()
     identical = (views.replaced1 == views.replaced2).all(dim=1).double().mean().item()
@@ -230,4 +232,4 @@ def test_independent_counts_keep_the_old_draw(gen):
     assert same == pytest.approx(1 / 3, abs=0.02)
     assert identical == pytest.approx((1 / 4 + 1 / 6 + 1 / 4) / 9, abs=0.01)
     with pytest.raises(ValueError, match="counts must be"):
-        TemplateMix(_templates(), MODS, counts="same")
+        TemplateMix(_templates(), modalities=MODS, counts="same")

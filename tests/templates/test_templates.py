@@ -59,7 +59,7 @@ def test_padding_rules_match_reference(gen, padding):
 
 
 def test_only_masked_voxels_change(gen):
-    templates = ModalityTemplates(MODS, (8, 8, 8), init=5.0)
+    templates = ModalityTemplates(MODS, shape=(8, 8, 8), init=5.0)
     x = torch.rand(2, 4, 6, 6, 6, generator=gen)
     mask = torch.rand(2, 4, 6, 6, 6, generator=gen) < 0.3
     out = templates.fill(x, mask, MODS, offsets=torch.tensor([[0, 1, 2], [2, 2, 2]]))
@@ -117,7 +117,7 @@ def test_none_offsets_centre_the_crop():
 
 
 def test_fill_under_autocast_keeps_volume_dtype(device):
-    templates = ModalityTemplates(MODS, 8, init=0.25).to(device)
+    templates = ModalityTemplates(MODS, shape=8, init=0.25).to(device)
     x = torch.rand(2, 1, 4, 4, 4, device=device, dtype=torch.bfloat16)
     mask = torch.ones(2, 1, 4, 4, 4, dtype=torch.bool, device=device)
     with torch.autocast(device.type, dtype=torch.bfloat16):
@@ -130,7 +130,7 @@ def test_fill_under_autocast_keeps_volume_dtype(device):
 
 
 def test_sigmoid_normalisation_is_safe_at_zero_init():
-    templates = ModalityTemplates(["t1"], 6, normalise="sigmoid")
+    templates = ModalityTemplates(["t1"], shape=6, normalize="sigmoid")
     x, mask = torch.zeros(1, 1, 4, 4, 4), torch.ones(1, 1, 4, 4, 4, dtype=torch.bool)
     out = templates.fill(x, mask, ["t1"])
     assert bool((out == 0.5).all())
@@ -140,7 +140,7 @@ def test_sigmoid_normalisation_is_safe_at_zero_init():
 
 
 def test_minmax_normalisation_is_safe_for_a_constant_template():
-    templates = ModalityTemplates(["t1", "t2"], 6, normalise="minmax", eps=1e-2)
+    templates = ModalityTemplates(["t1", "t2"], shape=6, normalize="minmax", eps=1e-2)
     x, mask = torch.zeros(2, 1, 4, 4, 4), torch.ones(2, 1, 4, 4, 4, dtype=torch.bool)
     out = templates.fill(x, mask, torch.tensor([0, 1]))
     assert bool((out == 0).all())
@@ -153,7 +153,7 @@ def test_minmax_normalisation_is_safe_for_a_constant_template():
 
 def test_minmax_normalisation_maps_to_unit_range():
     w = torch.linspace(-3, 5, 2 * 4**3).view(2, 4, 4, 4)
-    templates = ModalityTemplates(["t1", "t2"], 4, init=w, normalise="minmax")
+    templates = ModalityTemplates(["t1", "t2"], shape=4, init=w, normalize="minmax")
     norm = templates.templates()
     assert torch.allclose(norm.amin(dim=(1, 2, 3)), torch.zeros(2))
     assert torch.allclose(norm.amax(dim=(1, 2, 3)), torch.ones(2))
@@ -165,20 +165,20 @@ def test_minmax_normalisation_maps_to_unit_range():
 
 
 def test_names_are_case_insensitive_with_aliases():
-    templates = ModalityTemplates(["T1", "T1Gd", "T2", "t2f"], 4)
+    templates = ModalityTemplates(["T1", "T1Gd", "T2", "t2f"], shape=4)
     assert templates.modalities == ("t1", "t1ce", "t2", "flair")
     assert templates.index(["t1c", "FLAIR", "t1-gd"]).tolist() == [1, 3, 1]
 
 
 def test_unknown_modality_lists_known_names():
     with pytest.raises(ValueError, match=r"unknown modality 'swi'.*known modalities: t1"):
-        ModalityTemplates(["t1", "swi"], 4)
+        ModalityTemplates(["t1", "swi"], shape=4)
     with pytest.raises(ValueError, match=r"has no template; the templates are \['t1', 't2'\]"):
-        ModalityTemplates(["t1", "t2"], 4).index("flair")
+        ModalityTemplates(["t1", "t2"], shape=4).index("flair")
 
 
 def test_offsets_outside_the_canvas_raise(gen):
-    templates = ModalityTemplates(MODS, 8)
+    templates = ModalityTemplates(MODS, shape=8)
     x, mask = torch.zeros(2, 1, 4, 4, 4), torch.ones(2, 1, 4, 4, 4, dtype=torch.bool)
     for bad in ([[0, 0, 0], [5, 0, 0]], [[0, -1, 0], [0, 0, 0]]):
         with pytest.raises(ValueError, match=r"offsets put crops .* outside the template canvas"):
@@ -186,14 +186,14 @@ def test_offsets_outside_the_canvas_raise(gen):
 
 
 def test_crop_larger_than_canvas_raises():
-    templates = ModalityTemplates(MODS, (8, 8, 8))
+    templates = ModalityTemplates(MODS, shape=(8, 8, 8))
     x, mask = torch.zeros(1, 1, 9, 4, 4), torch.ones(1, 1, 9, 4, 4, dtype=torch.bool)
     with pytest.raises(ValueError, match=r"crop \(9, 4, 4\) is larger than the template canvas"):
         templates.fill(x, mask, ["t1"])
 
 
 def test_bad_arguments_name_themselves():
-    templates = ModalityTemplates(MODS, 8)
+    templates = ModalityTemplates(MODS, shape=8)
     x, mask = torch.zeros(2, 2, 4, 4, 4), torch.ones(2, 2, 4, 4, 4, dtype=torch.bool)
     with pytest.raises(ValueError, match="modality_ids must have shape"):
         templates.fill(x, mask, torch.zeros(2, 3, dtype=torch.long))
@@ -203,17 +203,17 @@ def test_bad_arguments_name_themselves():
         templates.fill(x, mask.float(), torch.zeros(2, 2, dtype=torch.long))
     with pytest.raises(ValueError, match="voxel_mask must have shape"):
         templates.fill(x, mask[:, :, :2], torch.zeros(2, 2, dtype=torch.long))
-    with pytest.raises(ValueError, match="normalise must be one of"):
-        ModalityTemplates(MODS, 8, normalise="clip")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="normalize must be one of"):
+        ModalityTemplates(MODS, shape=8, normalize="clip")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="init tensor must have the template shape"):
-        ModalityTemplates(MODS, 8, init=torch.zeros(3, 8, 8, 8))
+        ModalityTemplates(MODS, shape=8, init=torch.zeros(3, 8, 8, 8))
 
 
 # ---- optimiser, state, files -----------------------------------------------------------
 
 
 def test_parameter_groups_give_templates_their_own_lr_without_duplicates():
-    model = nn.ModuleDict({"net": nn.Linear(3, 3), "templates": ModalityTemplates(MODS, 4)})
+    model = nn.ModuleDict({"net": nn.Linear(3, 3), "templates": ModalityTemplates(MODS, shape=4)})
     groups = model["templates"].parameter_groups(5e-3, model=model)
     opt = torch.optim.Adam(groups, lr=3e-4)
     assert [g["lr"] for g in opt.param_groups] == [3e-4, 5e-3]
@@ -224,7 +224,9 @@ def test_parameter_groups_give_templates_their_own_lr_without_duplicates():
 def test_state_dict_round_trip_with_weights_only_load(tmp_path):
     w = torch.randn(2, 3, 4, 5)
     affine = torch.diag(torch.tensor([1.5, 1.5, 2.0, 1.0], dtype=torch.float64))
-    t = ModalityTemplates(["T1Gd", "t2f"], (3, 4, 5), init=w, normalise="sigmoid", affine=affine)
+    t = ModalityTemplates(
+        ["T1Gd", "t2f"], shape=(3, 4, 5), init=w, normalize="sigmoid", affine=affine
+    )
     model = nn.ModuleDict({"encoder": nn.Linear(2, 2), "templates": t})
     torch.save({"model": model.state_dict(), "epoch": 3}, tmp_path / "ckpt.pt")
     state = torch.load(tmp_path / "ckpt.pt", weights_only=True)
@@ -232,19 +234,43 @@ def test_state_dict_round_trip_with_weights_only_load(tmp_path):
     same = ModalityTemplates.from_state_dict(state["model"], prefix="templates.")
     for r in (back, same):
         assert r.modalities == ("t1ce", "flair")
-        assert r.normalise == "sigmoid"
+        assert r.normalize == "sigmoid"
         assert torch.equal(r.weight, w)
         assert torch.equal(r.affine, affine)
-    fresh = ModalityTemplates(["t1ce", "flair"], (3, 4, 5))
+    fresh = ModalityTemplates(["t1ce", "flair"], shape=(3, 4, 5))
     fresh.load_state_dict(t.state_dict())
     assert torch.equal(fresh.weight, w)
-    assert fresh.normalise == "sigmoid"
+    assert fresh.normalize == "sigmoid"
+
+
+def test_states_and_files_saved_with_the_old_normalise_spelling_still_load(tmp_path):
+    import nibabel as nib
+
+    w = torch.randn(1, 3, 3, 3)
+    t = ModalityTemplates(["t1"], shape=3, init=w, normalize="minmax")
+    state = t.state_dict()
+    extra = dict(state["_extra_state"])
+    extra["normalise"] = extra.pop("normalize")  # as written before the rename
+    state["_extra_state"] = extra
+    assert ModalityTemplates.from_state_dict(state).normalize == "minmax"
+    fresh = ModalityTemplates(["t1"], shape=3)
+    fresh.load_state_dict(state)
+    assert fresh.normalize == "minmax"
+    (path,) = t.to_nifti(tmp_path, normalized=False)
+    img = nib.load(path)
+    descrip = bytes(img.header["descrip"]).split(b"\0")[0].decode()
+    assert descrip.endswith("normalize=minmax")
+    img.header["descrip"] = descrip.replace("normalize=", "normalise=").encode()
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj), img.affine, img.header), path)
+    back = ModalityTemplates.from_nifti(tmp_path)
+    assert back.normalize == "minmax"
+    assert torch.equal(back.weight, w)
 
 
 def test_load_state_dict_with_other_modalities_raises():
-    t = ModalityTemplates(["t1", "t2"], 4)
+    t = ModalityTemplates(["t1", "t2"], shape=4)
     with pytest.raises(ValueError, match=r"holds templates for \['t1', 't2'\]"):
-        ModalityTemplates(["t1", "flair"], 4).load_state_dict(t.state_dict())
+        ModalityTemplates(["t1", "flair"], shape=4).load_state_dict(t.state_dict())
 
 
 def test_from_state_dict_without_templates_raises():
@@ -257,7 +283,7 @@ def test_nifti_round_trip_preserves_data_affine_and_names(tmp_path, gen):
     affine = torch.tensor(
         [[0, -1.0, 0, 90], [1.0, 0, 0, -126], [0, 0, 1.2, -72], [0, 0, 0, 1]], dtype=torch.float64
     )
-    t = ModalityTemplates(["flair", "t1", "T1Gd"], (4, 5, 6), init=w, affine=affine)
+    t = ModalityTemplates(["flair", "t1", "T1Gd"], shape=(4, 5, 6), init=w, affine=affine)
     paths = t.to_nifti(tmp_path)
     assert [p.name for p in paths] == ["flair.nii.gz", "t1.nii.gz", "t1ce.nii.gz"]
     back = ModalityTemplates.from_nifti(tmp_path)
@@ -271,10 +297,10 @@ def test_nifti_round_trip_preserves_data_affine_and_names(tmp_path, gen):
 
 def test_nifti_export_of_normalised_templates_fills_alike(tmp_path, gen):
     w = torch.randn(1, 6, 6, 6, generator=gen)
-    t = ModalityTemplates(["t1"], 6, init=w, normalise="sigmoid")
+    t = ModalityTemplates(["t1"], shape=6, init=w, normalize="sigmoid")
     t.to_nifti(tmp_path)
     back = ModalityTemplates.from_nifti(tmp_path)
-    assert back.normalise == "none"
+    assert back.normalize == "none"
     x, mask = torch.zeros(1, 1, 3, 3, 3), torch.rand(1, 1, 3, 3, 3, generator=gen) < 0.5
     offsets = torch.tensor([[1, 2, 3]])
     with torch.no_grad():
@@ -282,6 +308,6 @@ def test_nifti_export_of_normalised_templates_fills_alike(tmp_path, gen):
 
 
 def test_from_nifti_reports_missing_modalities(tmp_path):
-    ModalityTemplates(["t1"], 4).to_nifti(tmp_path)
+    ModalityTemplates(["t1"], shape=4).to_nifti(tmp_path)
     with pytest.raises(ValueError, match=r"has no file for \['t2'\]"):
         ModalityTemplates.from_nifti(tmp_path, ["t1", "t2"])

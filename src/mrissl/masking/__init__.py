@@ -20,6 +20,7 @@ This package depends on ``mrissl.nn`` only.
 
 from mrissl.masking._base import MaskGenerator, target_mask
 from mrissl.masking.apply import (
+    CrossModalFill,
     KeepIndices,
     apply_mask,
     cross_modal_fill,
@@ -34,6 +35,7 @@ from mrissl.masking.random import RandomTokenMask
 
 __all__ = [
     "BlockMask",
+    "CrossModalFill",
     "HybridMaskPattern",
     "KeepIndices",
     "MaskGenerator",

@@ -20,6 +20,7 @@ from mrissl._checks import (
     check_available,
     check_generator,
     check_generator_type,
+    check_number,
     check_tensor,
     to_triple,
 )
@@ -31,28 +32,10 @@ __all__ = ["MaskGenerator", "target_mask"]
 _EPS = 1e-9
 
 
-def _check_ratio(value: Any, name: str, *, upper_inclusive: bool = False) -> float:
-    """Return ``value`` as a float in ``[0, 1)`` (or ``[0, 1]``), else raise naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a float in [0, 1), got {type(value).__name__} {value!r}")
-    v = float(value)
-    ok = 0.0 <= v <= 1.0 if upper_inclusive else 0.0 <= v < 1.0
-    if not ok:
-        want = "[0, 1]" if upper_inclusive else "[0, 1)"
-        raise ValueError(f"{name} must be in {want}, got {value!r}")
-    return v
-
-
-def _check_int(value: Any, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be at least {minimum}, got {value}")
-    return int(value)
-
-
 def _check_grid_args(num_modalities: Any, num_tokens: Any) -> tuple[int, int]:
-    return _check_int(num_modalities, "num_modalities", 1), _check_int(num_tokens, "num_tokens", 1)
+    return check_number(num_modalities, "num_modalities", low=1, integer=True), check_number(
+        num_tokens, "num_tokens", low=1, integer=True
+    )
 
 
 def _count(n: int, ratio: float) -> int:
@@ -228,8 +211,8 @@ class MaskGenerator(ABC):
                 checks on, with a case that has no modality), a generator on another device
                 type, or too few modalities.
         """
-        B = _check_int(batch_size, "batch_size", 1)
-        C = _check_int(num_modalities, "num_modalities", 1)
+        B = check_number(batch_size, "batch_size", low=1, integer=True)
+        C = check_number(num_modalities, "num_modalities", low=1, integer=True)
         if self._min_modalities() > C:
             raise ValueError(
                 f"{type(self).__name__} needs num_modalities >= {self._min_modalities()} "

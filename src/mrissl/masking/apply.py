@@ -18,8 +18,10 @@ import torch
 from mrissl._checks import (
     Triple,
     check_available,
+    check_choice,
     check_floating,
     check_generator,
+    check_number,
     check_tensor,
     to_triple,
 )
@@ -28,6 +30,7 @@ from mrissl.masking._base import _rand
 from mrissl.nn import grid_size
 
 __all__ = [
+    "CrossModalFill",
     "KeepIndices",
     "apply_mask",
     "cross_modal_fill",
@@ -149,8 +152,7 @@ def voxels_to_mask(
     """
     check_tensor(voxel_mask, "voxel_mask", ndim=5)
     _check_bool(voxel_mask, "voxel_mask")
-    if rule not in ("any", "all", "majority"):
-        raise ValueError(f"rule must be 'any', 'all' or 'majority', got {rule!r}")
+    check_choice(rule, "rule", ("any", "all", "majority"))
     p0, p1, p2 = to_triple(patch_size, "patch_size")
     gd, gh, gw = grid_size(tuple(voxel_mask.shape[2:]), (p0, p1, p2))
     B, C = voxel_mask.shape[:2]
@@ -180,6 +182,19 @@ class KeepIndices(NamedTuple):
     keep: torch.Tensor
     restore: torch.Tensor
     padding: torch.Tensor
+
+
+class CrossModalFill(NamedTuple):
+    """The result of [`cross_modal_fill`][mrissl.masking.cross_modal_fill].
+
+    Attributes:
+        volume: ``(B, C, D, H, W)`` the filled volume (``out`` when given).
+        source: ``(B, C)`` int64, the source modality of each case and modality (``-1`` =
+            none, ``fallback`` used).
+    """
+
+    volume: torch.Tensor
+    source: torch.Tensor
 
 
 def keep_indices(
@@ -228,6 +243,7 @@ def keep_indices(
         ValueError: if the samples keep different numbers of tokens and ``pad`` is False, for
             a ``num_kept`` outside ``[0, C·N]``, and (value checks on) if a sample keeps more
             than ``num_kept`` tokens, or fewer without ``pad``.
+        TypeError: for a ``num_kept`` that is not an int.
 
     Examples:
         >>> mask = torch.tensor([[[False, True], [True, False]]])  # (B=1, C=2, N=2)
@@ -244,10 +260,8 @@ def keep_indices(
     _check_bool(mask, "mask")
     flat = mask.flatten(1)
     L = flat.shape[1]
-    if num_kept is not None and (
-        isinstance(num_kept, bool) or not isinstance(num_kept, int) or not 0 <= num_kept <= L
-    ):
-        raise ValueError(f"num_kept must be an int in [0, {L}] (C·N of the mask), got {num_kept!r}")
+    if num_kept is not None:  # at most L = C·N of the mask
+        num_kept = check_number(num_kept, "num_kept", low=0, high=L, integer=True)
     if flat.shape[0] == 0:  # an empty batch keeps nothing (and has no min or max count)
         K0 = 0 if num_kept is None else num_kept
         index = torch.zeros((0, K0), dtype=torch.long, device=mask.device)
@@ -508,7 +522,7 @@ def cross_modal_fill(
     generator: torch.Generator | None = None,
     fallback: float = 0.0,
     out: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> CrossModalFill:
     """BrainMVP cross-modal fill: masked voxels take the values of another modality.
 
     For each case ``b`` and modality ``c`` a source modality ``s ≠ c`` is drawn uniformly
@@ -537,9 +551,9 @@ def cross_modal_fill(
             a new allocation; no autograd; it must not share memory with ``volume``).
 
     Returns:
-        ``(filled, source)``: ``(B, C, D, H, W)`` filled volume (``out`` when given) and
-        ``(B, C)`` int64 source modality of each case and modality (``-1`` = none,
-        ``fallback`` used).
+        ``CrossModalFill(volume, source)``: the ``(B, C, D, H, W)`` filled volume (``out``
+        when given) and the ``(B, C)`` int64 source modality of each case and modality
+        (``-1`` = none, ``fallback`` used); it unpacks as ``filled, source = ...``.
 
     Raises:
         ValueError: for mismatched shapes, a bad ``available`` or a bad ``out``.
@@ -554,7 +568,7 @@ def cross_modal_fill(
         >>> filled[0, :, 0, 0, 0]  # each modality now holds its source's values
         tensor([1., 2., 1.])
         >>> cross_modal_fill(x, mask, 2, available=torch.tensor([[True, False, True]]),
-        ...                  generator=g)[1]  # modality 1 is missing: never a source
+        ...                  generator=g).source  # modality 1 is missing: never a source
         tensor([[ 2, -1,  0]])
     """
     check_tensor(volume, "volume", ndim=5)
@@ -580,8 +594,8 @@ def cross_modal_fill(
             )
         src = _source_volume(volume, source, fallback, out)
         if _needs_grad(volume):  # where(out=...) has no autograd
-            return torch.where(mask.to(device), src, volume), source
-        return torch.where(mask.to(device), src, volume, out=src), source
+            return CrossModalFill(torch.where(mask.to(device), src, volume), source)
+        return CrossModalFill(torch.where(mask.to(device), src, volume, out=src), source)
 
     if patch_size is None:
         raise ValueError(
@@ -601,11 +615,11 @@ def cross_modal_fill(
     if _needs_grad(volume):  # the in-place put-back below has no autograd
         kept = _row_mask(~m5, p[2])
         rows_grad = torch.where(kept, _rows(volume, p[0], p[1]), _rows(filled, p[0], p[1]))
-        return rows_grad.reshape(volume.shape), source
+        return CrossModalFill(rows_grad.reshape(volume.shape), source)
     # put the kept patches back, in place
     rows = _rows(filled, p[0], p[1])
     torch.where(_row_mask(~m5, p[2]), _rows(volume, p[0], p[1]), rows, out=rows)
-    return filled, source
+    return CrossModalFill(filled, source)
 
 
 def _needs_grad(volume: torch.Tensor) -> bool:

@@ -20,13 +20,18 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from mrissl._checks import Triple, check_available, to_triple
+from mrissl._checks import (
+    Triple,
+    check_available,
+    check_bool,
+    check_choice,
+    check_number,
+    to_triple,
+)
 from mrissl._settings import values_checked
 from mrissl.masking._base import (
     MaskGenerator,
     _check_grid_args,
-    _check_int,
-    _check_ratio,
     _count,
     _random_k,
     _resolve_device,
@@ -66,13 +71,15 @@ class BlockMask(MaskGenerator):
     def __init__(
         self,
         block_size: int | Sequence[int] = 8,
-        mask_ratio: float = 0.875,
         *,
+        mask_ratio: float = 0.875,
         shared_across_modalities: bool = False,
     ) -> None:
         self.block_size: Triple = to_triple(block_size, "block_size")
-        self.mask_ratio = _check_ratio(mask_ratio, "mask_ratio")
-        self.shared_across_modalities = bool(shared_across_modalities)
+        self.mask_ratio = check_number(mask_ratio, "mask_ratio", low=0, high=1, high_open=True)
+        self.shared_across_modalities = check_bool(
+            shared_across_modalities, "shared_across_modalities"
+        )
         self._default_patch_size = self.block_size
 
     def expected_mask_ratio(self, num_modalities: int, num_tokens: int) -> float:
@@ -147,18 +154,17 @@ class BlockMask(MaskGenerator):
 
         Examples:
             >>> g = torch.Generator().manual_seed(0)
-            >>> cubes = BlockMask(4, 0.5).sample_cubes(2, 3, 32, generator=g)
+            >>> cubes = BlockMask(4, mask_ratio=0.5).sample_cubes(2, 3, 32, generator=g)
             >>> cubes.shape
             torch.Size([2, 3, 32, 32, 32])
             >>> covered = cubes.flatten(2).float().mean(dim=2)
             >>> bool((covered >= 0.5).all()), bool((covered < 0.5 + 64 / 32**3).all())
             (True, True)
         """
-        B = _check_int(batch_size, "batch_size", 1)
-        C = _check_int(num_modalities, "num_modalities", 1)
+        B = check_number(batch_size, "batch_size", low=1, integer=True)
+        C = check_number(num_modalities, "num_modalities", low=1, integer=True)
         size = to_triple(img_size, "img_size")
-        if until not in ("covered", "counted"):
-            raise ValueError(f"until must be 'covered' or 'counted', got {until!r}")
+        check_choice(until, "until", ("covered", "counted"))
         dev = _resolve_device(device, generator)
         avail = check_available(available, B, C, dev)
         V = size[0] * size[1] * size[2]

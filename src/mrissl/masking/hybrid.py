@@ -24,12 +24,11 @@ from typing import Any
 
 import torch
 
+from mrissl._checks import check_number
 from mrissl.masking._base import (
     _EPS,
     MaskGenerator,
     _check_grid_args,
-    _check_int,
-    _check_ratio,
     _choose_k,
     _count,
     _rand,
@@ -93,13 +92,17 @@ class ModalMask(MaskGenerator):
         probability: float | None = None,
         candidates: Sequence[int] | None = None,
     ) -> None:
-        self.num_masked = _check_int(num_masked, "num_masked", 1)
-        self.probability = None if probability is None else _check_ratio(probability, "probability")
+        self.num_masked = check_number(num_masked, "num_masked", low=1, integer=True)
+        self.probability = (
+            None
+            if probability is None
+            else check_number(probability, "probability", low=0, high=1, high_open=True)
+        )
         self.candidates: tuple[int, ...] | None = None
         if candidates is not None:
             cands = tuple(candidates)
             for c in cands:
-                _check_int(c, "candidates", 0)
+                check_number(c, "candidates", low=0, integer=True)
             if not cands or len(set(cands)) != len(cands):
                 raise ValueError(
                     f"candidates must be a non-empty sequence of distinct modality indices, "
@@ -217,7 +220,7 @@ class PositionMask(MaskGenerator):
     """
 
     def __init__(self, mask_ratio: float = 0.5) -> None:
-        self.mask_ratio = _check_ratio(mask_ratio, "mask_ratio")
+        self.mask_ratio = check_number(mask_ratio, "mask_ratio", low=0, high=1, high_open=True)
 
     def _draw(
         self, B: int, N: int, generator: torch.Generator | None, device: torch.device
@@ -307,7 +310,7 @@ class PatchMask(MaskGenerator):
     """
 
     def __init__(self, mask_ratio: float = 0.5) -> None:
-        self.mask_ratio = _check_ratio(mask_ratio, "mask_ratio")
+        self.mask_ratio = check_number(mask_ratio, "mask_ratio", low=0, high=1, high_open=True)
 
     def _min_modalities(self) -> int:
         return 2
@@ -457,6 +460,7 @@ class HybridMaskPattern(MaskGenerator):
     def __init__(
         self,
         modal: ModalMask | int | None = 1,
+        *,
         position: PositionMask | float | None = 0.5,
         patch: PatchMask | float | None = 0.5,
     ) -> None:
@@ -567,12 +571,17 @@ class HybridMaskPattern(MaskGenerator):
 
 
 def _as_step(value: Any, cls: type[Any], name: str, number: type) -> Any:
+    """A step given as itself, ``None`` or its number (``ModalMask``'s count, a ratio)."""
     if value is None or isinstance(value, cls):
         return value
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    try:
+        if number is int:
+            check_number(value, name, integer=True)
+        else:
+            check_number(value, name)
+    except TypeError:
+        want = "an int (modalities to mask)" if number is int else "a number"
         raise TypeError(
-            f"{name} must be a {cls.__name__}, a number or None, got {type(value).__name__}"
-        )
-    if number is int and not isinstance(value, int):
-        raise TypeError(f"{name} as a number must be an int (modalities to mask), got {value!r}")
+            f"{name} must be a {cls.__name__}, {want} or None, got {type(value).__name__} {value!r}"
+        ) from None
     return cls(value)

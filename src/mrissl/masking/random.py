@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from mrissl._checks import check_bool, check_number
 from mrissl.masking._base import (
     MaskGenerator,
     _check_grid_args,
-    _check_ratio,
     _count,
     _random_k,
 )
@@ -52,8 +52,10 @@ class RandomTokenMask(MaskGenerator):
     """
 
     def __init__(self, mask_ratio: float = 0.75, *, shared_across_modalities: bool = True) -> None:
-        self.mask_ratio = _check_ratio(mask_ratio, "mask_ratio")
-        self.shared_across_modalities = bool(shared_across_modalities)
+        self.mask_ratio = check_number(mask_ratio, "mask_ratio", low=0, high=1, high_open=True)
+        self.shared_across_modalities = check_bool(
+            shared_across_modalities, "shared_across_modalities"
+        )
 
     def expected_mask_ratio(self, num_modalities: int, num_tokens: int) -> float:
         """Fraction of masked tokens: ``floor(N · mask_ratio) / N`` (exact, not only expected).
