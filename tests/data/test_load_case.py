@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from mrissl.data import NiftiCase, load_case
+from mrissl.data import CaseImage, load_case
 
 AFFINE = np.array(
     [[1.0, 0.0, 0.0, -90.0], [0.0, 1.2, 0.0, -120.0], [0.0, 0.0, 1.5, -60.0], [0, 0, 0, 1]]
@@ -39,7 +39,7 @@ def test_stacks_modalities_in_the_given_order_with_values_unchanged(tmp_path, vo
 
 def test_returns_a_named_tuple(tmp_path, volumes):
     case = load_case({"t1": _save(tmp_path / "a.nii", volumes["t1"])})
-    assert isinstance(case, NiftiCase)
+    assert isinstance(case, CaseImage)
     assert case.image.shape == (1, 5, 6, 7)
 
 

@@ -287,8 +287,8 @@ def _brainmvp_views(x: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, ...
 
 
 def _template_mix(x: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    views = _mix(x, available=a, offsets=_OFFSETS)
-    return views.view1, views.view2, views.replaced1, views.replaced2
+    first, second = _mix(x, available=a, offsets=_OFFSETS)
+    return first.volume, second.volume, first.replaced, second.replaced
 
 
 INDUCTOR = {

@@ -154,7 +154,7 @@ def test_minmax_normalisation_is_safe_for_a_constant_template():
 def test_minmax_normalisation_maps_to_unit_range():
     w = torch.linspace(-3, 5, 2 * 4**3).view(2, 4, 4, 4)
     templates = ModalityTemplates(["t1", "t2"], shape=4, init=w, normalize="minmax")
-    norm = templates.templates()
+    norm = templates.normalized()
     assert torch.allclose(norm.amin(dim=(1, 2, 3)), torch.zeros(2))
     assert torch.allclose(norm.amax(dim=(1, 2, 3)), torch.ones(2))
     crops = templates.crop(torch.tensor([[1, 0]]), 2, offsets=[1, 1, 1])

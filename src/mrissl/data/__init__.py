@@ -16,7 +16,7 @@ if TYPE_CHECKING:
         RandMaskd,
         RandTokenMaskd,
     )
-    from mrissl.data.nifti import Case, FoundCases, NiftiCase, find_cases, load_case
+    from mrissl.data.nifti import CaseFiles, CaseImage, FoundCases, find_cases, load_case
     from mrissl.data.phantom import (
         PHANTOM_LABELS,
         PHANTOM_MODALITIES,
@@ -40,11 +40,11 @@ if TYPE_CHECKING:
 # NIfTI files (the command's main process, whose loader workers preprocess) never imports
 # MONAI (about 250 MB of resident memory).
 _MODULES = {
-    "Case": "mrissl.data.nifti",
+    "CaseFiles": "mrissl.data.nifti",
+    "CaseImage": "mrissl.data.nifti",
     "FoundCases": "mrissl.data.nifti",
     "LabeledPhantom": "mrissl.data.phantom",
     "LoadCased": "mrissl.data.preprocessing",
-    "NiftiCase": "mrissl.data.nifti",
     "PHANTOM_LABELS": "mrissl.data.phantom",
     "PHANTOM_MODALITIES": "mrissl.data.phantom",
     "PHANTOM_SEQUENCES": "mrissl.data.phantom",
@@ -102,11 +102,11 @@ __all__ = [
     "PHANTOM_MODALITIES",
     "PHANTOM_SEQUENCES",
     "PHANTOM_TISSUES",
-    "Case",
+    "CaseFiles",
+    "CaseImage",
     "FoundCases",
     "LabeledPhantom",
     "LoadCased",
-    "NiftiCase",
     "Percentiles",
     "PhantomDataset",
     "PulseSequence",

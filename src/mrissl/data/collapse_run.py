@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 
-from mrissl.data.nifti import Case
+from mrissl.data.nifti import CaseFiles
 from mrissl.diagnostics.floor import CollapseFloor, CollapseFloorMeter
 from mrissl.distributed import all_reduce_, is_distributed, rank, world_size
 
@@ -71,14 +71,15 @@ class CaseCrops(Dataset[dict[str, Any]]):
         >>> root = pathlib.Path(tempfile.mkdtemp())
         >>> vol = nib.Nifti1Image(np.random.default_rng(0).random((8, 8, 8), np.float32), np.eye(4))
         >>> nib.save(vol, root / "sub1_t1.nii.gz")
-        >>> item = CaseCrops([Case("sub1", {"t1": root / "sub1_t1.nii.gz"})], ["t1", "t2"], 8)[0]
+        >>> case = CaseFiles("sub1", {"t1": root / "sub1_t1.nii.gz"})
+        >>> item = CaseCrops([case], ["t1", "t2"], 8)[0]
         >>> item["image"].shape, item["available"].tolist(), item["error"]
         (torch.Size([2, 8, 8, 8]), [True, False], None)
     """
 
     def __init__(
         self,
-        cases: Sequence[Case],
+        cases: Sequence[CaseFiles],
         modalities: Sequence[str],
         crop: int,
         pipeline: Callable[[dict[str, Any]], Any] | None = None,

@@ -25,7 +25,7 @@ from mrissl._checks import check_choice
 from mrissl._io import open_nifti, read_voxels
 from mrissl.modalities import MODALITY_ALIASES, canonical_modalities
 
-__all__ = ["Case", "FoundCases", "NiftiCase", "find_cases", "load_case"]
+__all__ = ["CaseFiles", "CaseImage", "FoundCases", "find_cases", "load_case"]
 
 PathLike = str | os.PathLike[str]
 
@@ -35,8 +35,11 @@ _SEPARATORS = "-_. "
 _MAX_ALIAS_WORDS = 3
 
 
-class NiftiCase(NamedTuple):
-    """One subject's modalities on one grid, as returned by [`load_case`][mrissl.data.load_case].
+class CaseImage(NamedTuple):
+    """The loaded image of one case: its modalities on one grid, and the grid's affine.
+
+    What [`load_case`][mrissl.data.load_case] returns for the files of a
+    [`CaseFiles`][mrissl.data.CaseFiles]; like a nibabel image, voxel data plus affine.
 
     Attributes:
         image: ``(C, D, H, W)`` floating tensor, the modalities in the order they were given.
@@ -84,7 +87,7 @@ def load_case(
     dtype: torch.dtype = torch.float32,
     affine_atol: float = 1e-3,
     nan_policy: Literal["raise", "zero"] = "raise",
-) -> NiftiCase:
+) -> CaseImage:
     """Read the NIfTI files of one subject into one multi-modal tensor and its affine.
 
     Every file must hold one 3D volume (trailing axes of length 1 are dropped) on the same
@@ -108,7 +111,7 @@ def load_case(
             always rejected.
 
     Returns:
-        A [`NiftiCase`][mrissl.data.NiftiCase] ``(image, affine)``: ``image`` is
+        A [`CaseImage`][mrissl.data.CaseImage] ``(image, affine)``: ``image`` is
         ``(C, D, H, W)`` with ``C = len(paths)``, ``affine`` is ``(4, 4)`` float64, taken from
         the first file.
 
@@ -147,7 +150,7 @@ def load_case(
     image = torch.empty((len(files), *images[0].shape[:3]), dtype=dtype)
     for c, ((name, path), img) in enumerate(zip(files, images, strict=True)):
         image[c] = torch.from_numpy(_read_voxels(img, path, name, nan_policy))
-    return NiftiCase(image=image, affine=torch.from_numpy(ref_affine.copy()))
+    return CaseImage(image=image, affine=torch.from_numpy(ref_affine.copy()))
 
 
 def _open_case(
@@ -205,8 +208,11 @@ def read_case_arrays(
     return arrays, ref_affine
 
 
-class Case(NamedTuple):
-    """One subject found by [`find_cases`][mrissl.data.find_cases].
+class CaseFiles(NamedTuple):
+    """The files of one case (subject), as found by [`find_cases`][mrissl.data.find_cases].
+
+    [`load_case(case.paths)`][mrissl.data.load_case] reads them into a
+    [`CaseImage`][mrissl.data.CaseImage].
 
     Attributes:
         name: the case's name: its folder relative to the searched folder, or the file-name
@@ -239,8 +245,8 @@ class FoundCases(NamedTuple):
     """
 
     modalities: tuple[str, ...]
-    cases: tuple[Case, ...]
-    incomplete: tuple[Case, ...] = ()
+    cases: tuple[CaseFiles, ...]
+    incomplete: tuple[CaseFiles, ...] = ()
 
 
 def _split_modality(stem: str) -> tuple[str, str] | None:
@@ -344,8 +350,8 @@ def find_cases(
     prefixes_per_dir: dict[str, int] = {}
     for rel, _ in groups:
         prefixes_per_dir[rel] = prefixes_per_dir.get(rel, 0) + 1
-    complete: list[Case] = []
-    lacking: list[Case] = []
+    complete: list[CaseFiles] = []
+    lacking: list[CaseFiles] = []
     for (rel, prefix), found in groups.items():
         if prefixes_per_dir[rel] == 1 and rel != ".":
             name = rel
@@ -355,7 +361,7 @@ def find_cases(
             name = f"{rel}/{prefix}" if prefix else rel
         paths = {m: found[m] for m in wanted if m in found}
         missing = tuple(m for m in wanted if m not in found)
-        (lacking if missing else complete).append(Case(name, paths, missing))
+        (lacking if missing else complete).append(CaseFiles(name, paths, missing))
     complete.sort(key=lambda c: c.name)
     lacking.sort(key=lambda c: c.name)
 

@@ -42,7 +42,7 @@ class LoadCased(MapTransform):
     """Replace a mapping of NIfTI paths by the loaded multi-modal ``MetaTensor``.
 
     For each key, ``data[key]`` is a mapping modality → NIfTI path (a
-    [`Case`][mrissl.data.Case]'s ``paths``); it becomes a ``(C, D, H, W)``
+    [`CaseFiles`][mrissl.data.CaseFiles]'s ``paths``); it becomes a ``(C, D, H, W)``
     ``monai.data.MetaTensor`` carrying the affine, read by
     [`load_case`][mrissl.data.load_case] with all of its checks. The modality names are kept
     in the meta-data under ``"modalities"``.

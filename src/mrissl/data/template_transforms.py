@@ -127,13 +127,13 @@ class TemplateMixd(WorkerSeeded, MapTransform):
             if not image.is_floating_point():
                 image = image.float()
             generator = torch.Generator().manual_seed(self._seed)  # the same draw for each key
-            views = self.mix(
+            first, second = self.mix(
                 image[None],
                 available=None if available is None else available.to(torch.bool)[None],
                 offsets=offsets,
                 generator=generator,
             )
-            d[f"{key}{self.postfixes[0]}"] = views.view1[0]
-            d[f"{key}{self.postfixes[1]}"] = views.view2[0]
-            d[self.replaced_key] = torch.stack([views.replaced1[0], views.replaced2[0]])
+            d[f"{key}{self.postfixes[0]}"] = first.volume[0]
+            d[f"{key}{self.postfixes[1]}"] = second.volume[0]
+            d[self.replaced_key] = torch.stack([first.replaced[0], second.replaced[0]])
         return d

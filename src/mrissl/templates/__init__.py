@@ -17,7 +17,9 @@ term ties their features together (supplement eq. 7,
   export and import, and rebuilding from a checkpoint's ``state_dict``.
 * [`template_fill`][mrissl.templates.template_fill] and
   [`crop_templates`][mrissl.templates.crop_templates]: the same fill as pure functions.
-* [`TemplateMix`][mrissl.templates.TemplateMix]: the downstream augmentation (two views).
+* [`TemplateMix`][mrissl.templates.TemplateMix]: the downstream augmentation (two views, a
+  [`TemplateMixViews`][mrissl.templates.TemplateMixViews] of two
+  [`MixedView`][mrissl.templates.MixedView]s).
 
 Unlike the released code, the canvas has any shape you choose (160 × 192 × 160 holds a 1 mm
 MNI-sized head), every crop names its offset in the canvas, and a zero template is never
@@ -29,10 +31,11 @@ divided by ~1e-9. The package (``_fill``: the crop gather and fill; ``modality``
 """
 
 from mrissl.templates._fill import crop_templates, template_fill
-from mrissl.templates.mix import TemplateMix, TemplateMixViews
+from mrissl.templates.mix import MixedView, TemplateMix, TemplateMixViews
 from mrissl.templates.modality import ModalityTemplates
 
 __all__ = [
+    "MixedView",
     "ModalityTemplates",
     "TemplateMix",
     "TemplateMixViews",

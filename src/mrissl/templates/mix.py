@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Literal, NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 from torch import nn
@@ -21,65 +21,55 @@ from mrissl.modalities import canonical_modalities
 from mrissl.nn import grid_size
 from mrissl.templates.modality import ModalityTemplates
 
-__all__ = ["TemplateMix", "TemplateMixViews"]
+__all__ = ["MixedView", "TemplateMix", "TemplateMixViews"]
+
+
+class MixedView(NamedTuple):
+    """One copy made by [`TemplateMix`][mrissl.templates.TemplateMix].
+
+    Attributes:
+        volume: ``(B, C, d, h, w)`` the copy, like the input with some modalities (or, for a
+            single-modality case, some blocks) taken from the templates.
+        replaced: ``(B, C)`` bool, True where a whole modality is its template.
+        blocks: ``(B, C, N)`` bool block mask of the single-modality cases (True = block
+            filled from the template; all False for multi-modality cases), or ``None`` when no
+            case can be single-modality.
+    """
+
+    volume: torch.Tensor
+    replaced: torch.Tensor
+    blocks: torch.Tensor | None
 
 
 class TemplateMixViews(NamedTuple):
-    """The two copies made by [`TemplateMix`][mrissl.templates.TemplateMix].
+    """The two copies ``X'``, ``X''`` made by [`TemplateMix`][mrissl.templates.TemplateMix].
+
+    ``first, second = mix(x)`` unpacks them; ``first.volume`` is ``X'``.
 
     Attributes:
-        view1: ``(B, C, d, h, w)`` the first copy ``X'``.
-        view2: ``(B, C, d, h, w)`` the second copy ``X''``.
-        replaced1: ``(B, C)`` bool, True where a whole modality of ``view1`` is its template.
-        replaced2: the same for ``view2``.
-        blocks1: ``(B, C, N)`` bool block mask of ``view1``'s single-modality cases (True =
-            block filled from the template; all False for multi-modality cases), or ``None``
-            when no case can be single-modality.
-        blocks2: the same for ``view2``.
+        first: the copy ``X'``, a [`MixedView`][mrissl.templates.MixedView].
+        second: the copy ``X''``.
     """
 
-    view1: torch.Tensor
-    view2: torch.Tensor
-    replaced1: torch.Tensor
-    replaced2: torch.Tensor
-    blocks1: torch.Tensor | None
-    blocks2: torch.Tensor | None
+    first: MixedView
+    second: MixedView
 
 
 class TemplateMix(nn.Module):
     """BrainMVP's downstream template mix: two copies with some modalities made templates.
 
-    BrainMVP supplement A: the learned templates are frozen; for a case with several
-    modalities two copies ``X'`` and ``X''`` are made, in each a random number of randomly
-    chosen modalities replaced by their templates (at the crop's place in the canvas). The
-    task loss is applied to both copies and an L2 term ties their encoder features (supplement
-    eqs. 7, 8; [`consistency_loss`][mrissl.losses.consistency_loss]):
+    BrainMVP supplement A, eqs. 7, 8: with the learned templates frozen, two copies ``X'`` and
+    ``X''`` of each case have different numbers of randomly chosen modalities replaced by their
+    templates (at the crop's place in the canvas); the task loss sees both and
+    [`consistency_loss`][mrissl.losses.consistency_loss] ties their features:
 
         L_FT = L_sl(F(X'), Y) + L_sl(F(X''), Y) + λ_cons · ‖F_enc(X') − F_enc(X'')‖₂
 
-    The counts come from ``min_replaced … min(max_replaced, A − 1)``, where ``A`` is the number
-    of **present** modalities of the case, so at least one real modality always stays; missing
-    modalities are never replaced and never counted. The supplement makes the two copies with
-    *different* numbers of replaced modalities, and so does ``counts="different"`` (default):
-    the pair of counts is uniform over the ordered pairs of distinct counts in the range, the
-    modalities of each copy are then chosen independently. When the range holds one count
-    only (two present modalities with ``min_replaced=1``: replace exactly one), the copies
-    replace the same number of *different* modalities, so they are never identical (with
-    ``min_replaced=0`` two modalities give the counts 0 and 1 instead).
-    ``counts="independent"`` draws each copy's count and modalities on its own (the copies
-    then share a count, or are identical, by chance: for ``C = 4``, equal counts a third of
-    the time and identical copies 7.4 %, where the consistency term is exactly 0). A case
-    with one present modality (a single-modality dataset, or the others missing) instead gets
-    the supplement's single-modality variant: ``block_mask`` blocks of its volume are filled
-    from its template, drawn independently for the two copies.
-
-    Each copy is the whole input with its own replacements: ``(B, C, d, h, w)`` like the input.
-    (The released code built the two copies by interleaving channels; here they are separate
-    tensors. To run both through the network in one pass, concatenate along the **batch**,
-    ``torch.cat([view1, view2])``, with the labels ``torch.cat([y, y])``.)
-
-    The templates are read without gradient. Vectorised over the batch: one call draws every
-    case's choices at once on the volume's device.
+    A copy replaces ``min_replaced … min(max_replaced, A − 1)`` of the case's ``A`` present
+    modalities, so a real one always stays and a missing one is never touched. A case with one
+    present modality gets ``block_mask`` blocks filled from its template instead. How the
+    counts are paired, and why, is in the [guide](../templates.md#downstream-template-mix).
+    Vectorised over the batch; the templates are read without gradient.
 
     Args:
         templates: the learned [`ModalityTemplates`][mrissl.templates.ModalityTemplates].
@@ -90,26 +80,29 @@ class TemplateMix(nn.Module):
         block_mask: the [`BlockMask`][mrissl.masking.BlockMask] of the single-modality
             variant (BrainMVP's r = 8, p* = 0.875 by default); ``None`` leaves such cases
             unchanged.
-        counts: ``"different"`` (BrainMVP supplement A: the two copies replace different
-            numbers of modalities) or ``"independent"`` (each copy draws its own count).
+        counts: ``"different"`` (the supplement: the two copies replace different numbers of
+            modalities whenever the range allows) or ``"independent"`` (each copy draws its
+            own count).
 
     Raises:
+        TypeError: for ``templates`` that are not a ``ModalityTemplates`` or a bad
+            ``block_mask``.
         ValueError: for a modality without template, bad counts or ``counts``.
 
     Examples:
         >>> templates = ModalityTemplates(["t1", "t1ce", "t2", "flair"], shape=32, init=-1.0)
         >>> mix = TemplateMix(templates, modalities=["T1", "T1Gd", "T2", "FLAIR"])
         >>> x = torch.rand(3, 4, 16, 16, 16)
-        >>> views = mix(x, generator=torch.Generator().manual_seed(0))
-        >>> views.view1.shape, views.replaced1.sum(dim=1).tolist()  # 1 to 3 of 4 replaced
+        >>> first, second = mix(x, generator=torch.Generator().manual_seed(0))
+        >>> first.volume.shape, first.replaced.sum(dim=1).tolist()  # 1 to 3 of 4 replaced
         (torch.Size([3, 4, 16, 16, 16]), [2, 3, 1])
-        >>> views.replaced2.sum(dim=1).tolist()  # a different count in the other copy
+        >>> second.replaced.sum(dim=1).tolist()  # a different count in the other copy
         [3, 1, 3]
-        >>> bool((views.view1[views.replaced1] == -1).all())
+        >>> bool((first.volume[first.replaced] == -1).all())
         True
         >>> available = torch.tensor([[True, False, True, False]] * 2)  # t1ce, flair missing
         >>> two = mix(x[:2], available=available, generator=torch.Generator().manual_seed(1))
-        >>> two.replaced1[:, [0, 2]].tolist(), two.replaced2[:, [0, 2]].tolist()  # t1, t2
+        >>> two.first.replaced[:, [0, 2]].tolist(), two.second.replaced[:, [0, 2]].tolist()
         ([[True, False], [True, False]], [[False, True], [False, True]])
     """
 
@@ -165,7 +158,8 @@ class TemplateMix(nn.Module):
             generator: the random source, on the volume's device type.
 
         Returns:
-            [`TemplateMixViews`][mrissl.templates.TemplateMixViews].
+            [`TemplateMixViews`][mrissl.templates.TemplateMixViews] ``(first, second)``, each
+            a [`MixedView`][mrissl.templates.MixedView] ``(volume, replaced, blocks)``.
 
         Raises:
             ValueError: for a channel count that differs from ``modalities``, a bad
@@ -190,7 +184,7 @@ class TemplateMix(nn.Module):
         # with every modality present and C >= 2 no case is single-modality: skip the blocks
         blocks_needed = C == 1 or avail is not None
         present = avail if avail is not None else torch.ones(B, C, dtype=torch.bool, device=device)
-        out: list[Any] = []
+        out: list[MixedView] = []
         pair = self._choose_pair(present, generator) if self.counts == "different" else None
         for copy in range(2):  # the two copies X', X'' (not a loop over samples)
             replaced = self._choose(present, generator) if pair is None else pair[copy]
@@ -203,8 +197,8 @@ class TemplateMix(nn.Module):
                 blocks = tokens & (single & present)[:, :, None]
                 vox = mask_to_voxels(blocks, self.block_mask.block_size, (d, h, w))
                 mask = mask | vox
-            out += [torch.where(mask, crops, volume), replaced, blocks]
-        return TemplateMixViews(out[0], out[3], out[1], out[4], out[2], out[5])
+            out.append(MixedView(torch.where(mask, crops, volume), replaced, blocks))
+        return TemplateMixViews(*out)
 
     def _range(self, present: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(B,)`` fewest and most modalities one copy may replace, ``lo ≤ hi``."""

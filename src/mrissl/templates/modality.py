@@ -157,12 +157,12 @@ class ModalityTemplates(nn.Module):
         ids = torch.tensor(out, dtype=torch.long, device=self.weight.device)
         return ids[0] if single else ids
 
-    def templates(self) -> torch.Tensor:
+    def normalized(self) -> torch.Tensor:
         """The normalized canvases the fill reads, ``(S, D, H, W)`` float32, with gradient.
 
         Examples:
             >>> t = ModalityTemplates(["t1"], shape=4, normalize="sigmoid")
-            >>> t.templates().unique().tolist()  # σ(0) at zero init
+            >>> t.normalized().unique().tolist()  # σ(0) at zero init
             [0.5]
         """
         return _normalize(self.weight, self.normalize, self.eps)
@@ -428,7 +428,7 @@ class ModalityTemplates(nn.Module):
         Args:
             folder: where to write (created if needed).
             affine: ``(4, 4)`` voxel-to-world matrix; defaults to the module's ``affine``.
-            normalized: write the values the fill uses (``templates()``) rather than the
+            normalized: write the values the fill uses (``normalized()``) rather than the
                 raw parameter; the same when ``normalize="none"``.
 
         Returns:
@@ -453,7 +453,7 @@ class ModalityTemplates(nn.Module):
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         with torch.no_grad():
-            data = self.templates() if normalized else self.weight.float()
+            data = self.normalized() if normalized else self.weight.float()
             arrays = data.detach().cpu().numpy().astype(np.float32)
         norm = self.normalize if not normalized else "none"
         paths = []
