@@ -43,29 +43,20 @@ class ModalityTemplates(nn.Module):
     """One learnable template volume per named modality (BrainMVP modality-wise distillation).
 
     The templates are one parameter, ``weight: (S, D, H, W)``, a canvas per modality in the
-    order of ``modalities``. Each training crop names where it lies in the canvas (its
-    ``offsets``); [`fill`][mrissl.templates.ModalityTemplates.fill] gathers the windows of
-    the whole batch at once, so the gradient reaches only the template voxels that were used.
-    Choose the canvas to hold your preprocessed volumes (160 × 192 × 160 holds a 1 mm head);
-    the Adam state is twice the canvas, so 8 modalities at 160 × 192 × 160 cost
-    2 × 150 MiB, against 2 × 272 MiB for the released code's 8 × 240 × 240 × 155.
+    order of ``modalities``. [`fill`][mrissl.templates.ModalityTemplates.fill] takes each
+    crop's window of its modality's canvas (at the crop's ``offsets``) into the masked voxels,
+    for the whole batch at once (BrainMVP eq. 3):
 
-    **Normalization** of the values the fill uses (computed in float32):
+        Φ_distill(X, T_m) = X where unmasked, T_m at the same place where masked
 
-    * ``"none"`` (default, the paper): the raw parameter, initialised to zero.
-    * ``"sigmoid"``: ``σ(weight)``, in (0, 1) like the [0, 1]-scaled intensities; zero init
-      gives 0.5 everywhere with gradient factor 0.25, nothing is divided.
-    * ``"minmax"`` (the released code): ``(T − min T) / max(max T − min T, eps)`` per
-      template. A constant template (zero init) gives 0 everywhere and its gradient is scaled
-      by at most ``1 / eps`` (the released code's ``1e-9`` scales it by 10⁹). Min and max
-      read the whole canvas each call, and pass gradient to the arg-min and arg-max voxels.
-
-    **Names** are case-insensitive with the aliases of [`mrissl.modalities`][mrissl.modalities]
-    (``t1c``, ``T1Gd`` → ``t1ce``; ``t2f`` → ``flair``). They, the normalization and the
-    ``affine`` (a ``(4, 4)`` float64 buffer, voxel → RAS millimetres, identity by default) are
-    saved in the ``state_dict`` (``_extra_state`` and ``affine``), so
+    ``normalize`` chooses the values the fill reads, in float32: ``"none"`` the parameter (the
+    paper), ``"sigmoid"`` ``σ(weight)``, or ``"minmax"`` ``(T − min T) / max(max T − min T,
+    eps)`` per template (the released code, without its division by ~1e-9). Names accept the
+    aliases of [`mrissl.modalities`][mrissl.modalities]. Names, settings and the ``affine`` are
+    saved in the ``state_dict``, so
     [`from_state_dict`][mrissl.templates.ModalityTemplates.from_state_dict] rebuilds the
-    module from a checkpoint alone.
+    module from a checkpoint alone. The templates guide discusses the canvas size, the
+    gradients of each normalization and the optimizer's memory.
 
     Args:
         modalities: the modality names, in template order.
