@@ -1,7 +1,9 @@
 """Reading users' files: one checked path for NIfTI volumes and one for saved tensors (private).
 
-Writing NIfTI volumes goes through here too (``write_nifti``, used by
-[`ModalityTemplates.to_nifti`][mrissl.templates.ModalityTemplates.to_nifti]).
+Writing NIfTI volumes goes through here too (``write_nifti``), and so does the format of a
+folder of templates (``write_template_files`` and ``open_template_files``, used by
+[`ModalityTemplates.to_nifti`][mrissl.templates.ModalityTemplates.to_nifti] and
+[`from_nifti`][mrissl.templates.ModalityTemplates.from_nifti]).
 
 Every reader of a file the user supplies goes through here: [`load_case`][mrissl.data.load_case],
 [`ModalityTemplates.from_nifti`][mrissl.templates.ModalityTemplates.from_nifti], ``mrissl rank``
@@ -24,9 +26,11 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 
@@ -135,6 +139,50 @@ def open_nifti(path: PathLike, *, where: str | None = None, ndim: int = 3) -> An
     return img
 
 
+def check_one_grid(
+    images: Sequence[tuple[str, Path, Any]], *, affine_atol: float, what: str
+) -> Any:
+    """Check that opened NIfTI images share one voxel grid; no voxel data are read.
+
+    The same shape and affines that agree within ``affine_atol`` (an absolute difference of
+    entries, millimetres for the translation column) as the first image's.
+
+    Args:
+        images: ``(modality, path, image)`` for each file, the image from ``open_nifti``.
+        affine_atol: largest allowed absolute difference of the affines' entries.
+        what: what must share the grid, for the message (``"all modalities of a case"``).
+
+    Returns:
+        The first image's ``(4, 4)`` float64 affine.
+
+    Raises:
+        ValueError: naming both files, for a shape or an affine that differs.
+    """
+    import numpy as np
+
+    ref_name, ref_path, ref_img = images[0]
+    ref_shape = tuple(ref_img.shape[:3])
+    ref_affine = np.asarray(ref_img.affine, dtype=np.float64)
+    for name, path, img in images[1:]:
+        shape = tuple(img.shape[:3])
+        if shape != ref_shape:
+            raise ValueError(
+                f"{path} (modality {name!r}) has shape {shape}, but {ref_path} "
+                f"(modality {ref_name!r}) has shape {ref_shape}; {what} must share one voxel "
+                "grid"
+            )
+        diff = float(np.abs(np.asarray(img.affine, dtype=np.float64) - ref_affine).max())
+        if diff > affine_atol:
+            raise ValueError(
+                f"{path} (modality {name!r}) has an affine that differs from that of {ref_path} "
+                f"(modality {ref_name!r}) by up to {diff:.4g} (affine_atol={affine_atol}); "
+                "register or resample the modalities onto one grid first\n"
+                f"  {ref_name}: {ref_affine.round(4).tolist()}\n"
+                f"  {name}: {np.asarray(img.affine).round(4).tolist()}"
+            )
+    return ref_affine
+
+
 def read_voxels(
     img: Any,
     *,
@@ -227,6 +275,68 @@ def write_nifti(path: PathLike, data: Any, affine: Any, *, descrip: str = "") ->
     out = Path(path)
     nib.save(img, str(out))
     return out
+
+
+# ---- template folders (ModalityTemplates.to_nifti / from_nifti): one file per modality ----
+
+_TEMPLATE_DESCRIP = re.compile(r"mrissl template (\S+) (\d+)/\d+ normali[sz]e=(\S+)")
+
+
+class TemplateFile(NamedTuple):
+    """One opened template file; ``name`` and ``order`` come from its header if it has them."""
+
+    name: str  # the modality recorded in the header, else the file name without suffix
+    order: int | None  # the 1-based place in the template order recorded in the header
+    normalize: str  # the normalization recorded in the header ("none" without one)
+    path: Path
+    image: Any  # from open_nifti, voxels not read
+
+
+def write_template_files(
+    folder: PathLike, names: Sequence[str], volumes: Any, affine: Any, *, normalize: str
+) -> list[Path]:
+    """Write ``<folder>/<name>.nii.gz`` for each ``(D, H, W)`` volume of ``volumes: (S, ...)``.
+
+    The header's description records the name, the place in the order and ``normalize``
+    (``"mrissl template t1 1/4 normalize=none"``); ``folder`` is created if needed.
+    """
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    S = len(names)
+    return [
+        write_nifti(
+            out / f"{name}.nii.gz",
+            volumes[i],
+            affine,
+            descrip=f"mrissl template {name} {i + 1}/{S} normalize={normalize}",
+        )
+        for i, name in enumerate(names)
+    ]
+
+
+def open_template_files(folder: PathLike) -> list[TemplateFile]:
+    """Open (header checks only) every ``.nii``/``.nii.gz`` file of a folder, sorted by name.
+
+    Raises:
+        ValueError: if ``folder`` is not a folder or holds no NIfTI file, or, naming the file,
+            for a file that ``open_nifti`` rejects.
+    """
+    root = Path(folder)
+    if not root.is_dir():
+        raise ValueError(f"folder {str(root)!r} does not exist or is not a folder")
+    found = []
+    for path in sorted(p for p in root.iterdir() if p.name.endswith(NIFTI_SUFFIXES)):
+        image = open_nifti(path)
+        descrip = bytes(image.header["descrip"]).split(b"\0")[0].decode(errors="replace")
+        m = _TEMPLATE_DESCRIP.match(descrip)
+        if m:
+            found.append(TemplateFile(m.group(1), int(m.group(2)), m.group(3), path, image))
+        else:
+            stem = path.name.removesuffix(".gz").removesuffix(".nii")
+            found.append(TemplateFile(stem, None, "none", path, image))
+    if not found:
+        raise ValueError(f"folder {str(root)!r} holds no .nii or .nii.gz template files")
+    return found
 
 
 def load_tensors(path: PathLike, *, what: str = "file") -> Any:

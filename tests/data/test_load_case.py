@@ -169,6 +169,12 @@ def test_argument_validation(tmp_path, volumes):
         load_case({"t1": path}, dtype=torch.int64)
     with pytest.raises(ValueError, match="nan_policy"):
         load_case({"t1": path}, nan_policy="drop")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"affine_atol must be a finite number >= 0, got -0\.1"):
+        load_case({"t1": path}, affine_atol=-0.1)
+    with pytest.raises(ValueError, match="affine_atol"):
+        load_case({"t1": path}, affine_atol=float("nan"))
+    with pytest.raises(TypeError, match="affine_atol must be a number, got str"):
+        load_case({"t1": path}, affine_atol="1e-3")  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("scaled", [False, True])

@@ -311,3 +311,15 @@ def test_from_nifti_reports_missing_modalities(tmp_path):
     ModalityTemplates(["t1"], shape=4).to_nifti(tmp_path)
     with pytest.raises(ValueError, match=r"has no file for \['t2'\]"):
         ModalityTemplates.from_nifti(tmp_path, ["t1", "t2"])
+
+
+def test_from_nifti_rejects_files_on_different_grids_naming_both(tmp_path):
+    ModalityTemplates(["t1"], shape=4).to_nifti(tmp_path)
+    ModalityTemplates(["t2"], shape=(4, 4, 5)).to_nifti(tmp_path)
+    with pytest.raises(ValueError, match=r"t2\.nii\.gz .*shape \(4, 4, 5\), but .*t1\.nii\.gz"):
+        ModalityTemplates.from_nifti(tmp_path, ["t1", "t2"])
+    shifted = torch.eye(4, dtype=torch.float64)
+    shifted[0, 3] = 0.5  # half a millimetre: beyond the 1e-3 tolerance of load_case
+    ModalityTemplates(["flair"], shape=4, affine=shifted).to_nifti(tmp_path)
+    with pytest.raises(ValueError, match=r"flair\.nii\.gz .*affine that differs .* by up to 0\.5"):
+        ModalityTemplates.from_nifti(tmp_path, ["t1", "flair"])

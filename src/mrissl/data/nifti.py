@@ -21,8 +21,8 @@ from typing import Any, Literal, NamedTuple
 import numpy as np
 import torch
 
-from mrissl._checks import check_choice
-from mrissl._io import open_nifti, read_voxels
+from mrissl._checks import check_choice, check_number
+from mrissl._io import check_one_grid, open_nifti, read_voxels
 from mrissl.modalities import MODALITY_ALIASES, canonical_modalities
 
 __all__ = ["CaseFiles", "CaseImage", "FoundCases", "find_cases", "load_case"]
@@ -116,10 +116,12 @@ def load_case(
         the first file.
 
     Raises:
-        TypeError: if ``paths`` is not a mapping of names to paths, or ``dtype`` is not floating.
+        TypeError: if ``paths`` is not a mapping of names to paths, ``dtype`` is not
+            floating or ``affine_atol`` is not a number.
         FileNotFoundError: if a file does not exist.
         ValueError: naming the file, if it is not NIfTI, cannot be read, is not 3D, holds NaN,
-            or differs in shape or affine from the first file.
+            or differs in shape or affine from the first file; for a negative or non-finite
+            ``affine_atol`` or an unknown ``nan_policy``.
 
     Examples:
         >>> import nibabel as nib, numpy as np, tempfile, pathlib
@@ -140,10 +142,8 @@ def load_case(
         raise ValueError("paths must name at least one file, got an empty mapping")
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
-    if not (isinstance(affine_atol, int | float) and affine_atol >= 0):
-        raise ValueError(f"affine_atol must be a non-negative number, got {affine_atol!r}")
-    if nan_policy not in ("raise", "zero"):
-        raise ValueError(f"nan_policy must be 'raise' or 'zero', got {nan_policy!r}")
+    affine_atol = check_number(affine_atol, "affine_atol", low=0)
+    check_choice(nan_policy, "nan_policy", ("raise", "zero"))
 
     files, images, ref_affine = _open_case(paths, affine_atol)
     # filled one modality at a time, so at most one decoded volume exists besides the result
@@ -166,26 +166,11 @@ def _open_case(
         files.append((name, Path(p)))
 
     images = [_open_nifti(path, name) for name, path in files]
-    ref_name, ref_path = files[0]
-    ref_shape = tuple(images[0].shape[:3])
-    ref_affine = np.asarray(images[0].affine, dtype=np.float64)
-    for (name, path), img in zip(files[1:], images[1:], strict=True):
-        shape = tuple(img.shape[:3])
-        if shape != ref_shape:
-            raise ValueError(
-                f"{path} (modality {name!r}) has shape {shape}, but {ref_path} "
-                f"(modality {ref_name!r}) has shape {ref_shape}; all modalities of a case "
-                "must share one voxel grid"
-            )
-        diff = float(np.abs(np.asarray(img.affine, dtype=np.float64) - ref_affine).max())
-        if diff > affine_atol:
-            raise ValueError(
-                f"{path} (modality {name!r}) has an affine that differs from that of {ref_path} "
-                f"(modality {ref_name!r}) by up to {diff:.4g} (affine_atol={affine_atol}); "
-                "register or resample the modalities onto one grid first\n"
-                f"  {ref_name}: {ref_affine.round(4).tolist()}\n"
-                f"  {name}: {np.asarray(img.affine).round(4).tolist()}"
-            )
+    ref_affine = check_one_grid(
+        [(name, path, img) for (name, path), img in zip(files, images, strict=True)],
+        affine_atol=affine_atol,
+        what="all modalities of a case",
+    )
     return files, images, ref_affine
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -436,26 +435,16 @@ class ModalityTemplates(nn.Module):
             >>> back.affine.diagonal().tolist()
             [2.0, 2.0, 2.0, 1.0]
         """
-        import numpy as np
-
-        from mrissl._io import write_nifti
+        from mrissl._io import write_template_files
 
         mat = self.affine if affine is None else _check_affine(affine)
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
         with torch.no_grad():
             data = self.normalized() if normalized else self.weight.float()
-            arrays = data.detach().cpu().numpy().astype(np.float32)
+        volumes = data.detach().cpu().numpy()
         norm = self.normalize if not normalized else "none"
-        paths = []
-        S = len(self.modalities)
-        for i, name in enumerate(self.modalities):
-            descrip = f"mrissl template {name} {i + 1}/{S} normalize={norm}"
-            path = write_nifti(
-                folder / f"{name}.nii.gz", arrays[i], mat.cpu().numpy(), descrip=descrip
-            )
-            paths.append(path)
-        return paths
+        return write_template_files(
+            folder, self.modalities, volumes, mat.cpu().numpy(), normalize=norm
+        )
 
     @classmethod
     def from_nifti(
@@ -479,30 +468,12 @@ class ModalityTemplates(nn.Module):
                 the files disagree in shape or affine, or a file cannot be read, is not a
                 3-D real-valued volume or holds NaN or infinite voxels (one line naming it).
         """
-        import numpy as np
+        from mrissl._io import check_one_grid, open_template_files, read_voxels
 
-        from mrissl._io import open_nifti, read_voxels
-
-        folder = Path(folder)
-        if not folder.is_dir():
-            raise ValueError(f"folder {str(folder)!r} does not exist or is not a folder")
-        files = sorted(p for p in folder.iterdir() if p.name.endswith((".nii", ".nii.gz")))
-        entries: list[tuple[int, str, Path, str]] = []
-        images: dict[Path, Any] = {}
-        for p in files:
-            images[p] = open_nifti(p)  # header checked: one ValueError line naming the file
-            descrip = bytes(images[p].header["descrip"]).split(b"\0")[0].decode(errors="replace")
-            m = re.match(r"mrissl template (\S+) (\d+)/\d+ normali[sz]e=(\S+)", descrip)
-            stem = p.name[: -len(".nii.gz")] if p.name.endswith(".gz") else p.name[:-4]
-            if m:
-                entries.append((int(m.group(2)), canonical_modality(m.group(1)), p, m.group(3)))
-            else:
-                entries.append((10**6, canonical_modality(stem), p, "none"))
-        if not entries:
-            raise ValueError(f"folder {str(folder)!r} holds no .nii or .nii.gz template files")
-        by_name = {name: (p, norm) for _, name, p, norm in entries}
-        if modalities is None:
-            names = [name for _, name, _, _ in sorted(entries, key=lambda e: (e[0], e[1]))]
+        files = open_template_files(folder)
+        by_name = {canonical_modality(f.name): f for f in files}
+        if modalities is None:  # the order recorded in the headers, then by name
+            names = sorted(by_name, key=lambda n: (by_name[n].order or 10**6, n))
         else:
             names = list(canonical_modalities(modalities))
             absent = [n for n in names if n not in by_name]
@@ -510,23 +481,17 @@ class ModalityTemplates(nn.Module):
                 raise ValueError(
                     f"folder {str(folder)!r} has no file for {absent}; it holds {sorted(by_name)}"
                 )
-        arrays, affines = [], []
-        for name in names:
-            path = by_name[name][0]
-            img: Any = images[path]
-            arrays.append(read_voxels(img, where=str(path)))
-            affines.append(np.asarray(img.affine, dtype=np.float64))
-        shapes = {a.shape for a in arrays}
-        if len(shapes) != 1 or len(arrays[0].shape) != 3:
-            raise ValueError(f"template files must share one 3-D shape, got {sorted(shapes)}")
-        if any(not np.allclose(a, affines[0]) for a in affines):
-            raise ValueError("template files must share one affine; they differ")
-        kwargs.setdefault("normalize", by_name[names[0]][1])
+        chosen = [(name, by_name[name].path, by_name[name].image) for name in names]
+        affine = check_one_grid(chosen, affine_atol=1e-3, what="the template files")
+        init = torch.stack(
+            [torch.from_numpy(read_voxels(img, where=str(path))) for _, path, img in chosen]
+        )
+        kwargs.setdefault("normalize", by_name[names[0]].normalize)
         return cls(
             names,
-            shape=arrays[0].shape,
-            init=torch.from_numpy(np.stack(arrays)),
-            affine=torch.from_numpy(affines[0]),
+            shape=tuple(init.shape[1:]),
+            init=init,
+            affine=torch.from_numpy(affine),
             **kwargs,
         )
 
