@@ -245,6 +245,9 @@ def test_dataset_generator_gives_the_base_seed_once():
     assert torch.equal(drawn[1], again[1])
     with pytest.raises(TypeError, match="generator"):
         PhantomDataset(2, shape=16, generator=1.5)  # type: ignore[arg-type]
+    # a negative base seed fails at construction, not later in a loader worker
+    with pytest.raises(ValueError, match="generator must be an int >= 0, got -1"):
+        PhantomDataset(2, shape=16, generator=-1)
 
 
 def test_labels_come_as_a_named_pair():

@@ -428,7 +428,11 @@ class PhantomDataset(Dataset[Any]):
         if isinstance(generator, torch.Generator):
             base = int(torch.randint(0, 2**62, (1,), generator=_cpu_generator(generator)))
         else:
-            base = 0 if generator is None else check_number(generator, "generator", integer=True)
+            base = (
+                0
+                if generator is None
+                else check_number(generator, "generator", low=0, integer=True)
+            )
         if transform is not None and not callable(transform):
             raise TypeError(f"transform must be callable, got {type(transform).__name__}")
         for key in ("return_labels", "generator", "shape", "modalities"):
