@@ -1,6 +1,6 @@
 """Learnable modality templates (BrainMVP data distillation) and the downstream template mix.
 
-BrainMVP learns one volume ``T_m`` per MRI modality, initialised to zero, by filling the masked
+BrainMVP learns one volume ``T_m`` per MRI modality, initialized to zero, by filling the masked
 blocks of an input of modality ``m`` from ``T_m`` at the same place and reconstructing the
 original (BrainMVP eq. 3):
 

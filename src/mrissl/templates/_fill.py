@@ -29,12 +29,12 @@ _PADDING = ("error", "zeros", "border")
 def _check_offsets(
     offsets: Any, batch: int, device: torch.device, canvas: Triple, crop: Triple, padding: str
 ) -> torch.Tensor:
-    """``(B, 3)`` int64 crop starts on ``device``; ``None`` centres the crop in the canvas.
+    """``(B, 3)`` int64 crop starts on ``device``; ``None`` centers the crop in the canvas.
 
     With ``padding="error"`` every crop must lie inside the canvas: a negative index would
     otherwise wrap around silently. When ``values_checked()`` the check reads the ``B × 3``
     offsets on the host and raises a ``ValueError`` naming the cases; otherwise it is a
-    ``torch._assert_async`` (no synchronisation, traceable by ``torch.compile``), which stops
+    ``torch._assert_async`` (no synchronization, traceable by ``torch.compile``), which stops
     the step with a ``RuntimeError`` on the CPU and a device-side assert on CUDA.
     """
     if offsets is None:
@@ -183,7 +183,7 @@ def crop_templates(
         templates: ``(S, D, H, W)`` the stacked canvases, one per modality.
         modality_ids: ``(B, C)`` int64 index into ``S`` of each case's channels.
         offsets: ``(B, 3)`` or ``(3,)`` int start of each crop in the canvas along
-            ``(D, H, W)``; ``None`` centres the crop (``(canvas - crop) // 2``).
+            ``(D, H, W)``; ``None`` centers the crop (``(canvas - crop) // 2``).
         size: ``(d, h, w)`` of the crop, or one int.
         padding: what a crop that leaves the canvas reads: ``"error"`` (raise, the default),
             ``"zeros"`` (0 outside) or ``"border"`` (the nearest canvas voxel).
@@ -271,7 +271,7 @@ def template_fill(
             [`mask_to_voxels`][mrissl.masking.mask_to_voxels] for a token mask).
         templates: ``(S, D, H, W)`` stacked (already normalized) canvases.
         modality_ids: ``(B, C)`` int64 template of each channel; ``(B,)`` when ``C = 1``.
-        offsets: ``(B, 3)``/``(3,)`` crop starts in the canvas, or ``None`` (centred).
+        offsets: ``(B, 3)``/``(3,)`` crop starts in the canvas, or ``None`` (centered).
         padding: ``"error"``, ``"zeros"`` or ``"border"``, see
             [`crop_templates`][mrissl.templates.crop_templates].
 

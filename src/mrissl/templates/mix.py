@@ -69,7 +69,7 @@ class TemplateMix(nn.Module):
     modalities, so a real one always stays and a missing one is never touched. A case with one
     present modality gets ``block_mask`` blocks filled from its template instead. How the
     counts are paired, and why, is in the [guide](../templates.md#downstream-template-mix).
-    Vectorised over the batch; the templates are read without gradient.
+    Vectorized over the batch; the templates are read without gradient.
 
     Args:
         templates: the learned [`ModalityTemplates`][mrissl.templates.ModalityTemplates].
@@ -154,7 +154,7 @@ class TemplateMix(nn.Module):
             volume: ``(B, C, d, h, w)`` floating crops, channels in ``modalities`` order.
             available: ``(B, C)`` bool, True = modality present; ``None`` = all present.
             offsets: ``(B, 3)``/``(3,)`` start of each crop in the template canvas; ``None``
-                centres it.
+                centers it.
             generator: the random source, on the volume's device type.
 
         Returns:

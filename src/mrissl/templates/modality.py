@@ -148,7 +148,10 @@ class ModalityTemplates(nn.Module):
         return ids[0] if single else ids
 
     def normalized(self) -> torch.Tensor:
-        """The normalized canvases the fill reads, ``(S, D, H, W)`` float32, with gradient.
+        """The normalized canvases the fill reads (``normalize``), with gradient.
+
+        Returns:
+            ``(S, D, H, W)`` float32.
 
         Examples:
             >>> t = ModalityTemplates(["t1"], shape=4, normalize="sigmoid")
@@ -171,11 +174,17 @@ class ModalityTemplates(nn.Module):
             modality_ids: ``(B, C)`` int64 template indices, or ``C`` modality names (the
                 same for every case; give ``batch_size`` or ``(B, 3)`` offsets then).
             size: ``(d, h, w)`` of the crop, or one int.
-            offsets: ``(B, 3)``/``(3,)`` crop starts in the canvas, ``None`` = centred.
+            offsets: ``(B, 3)``/``(3,)`` crop starts in the canvas, ``None`` = centered.
             batch_size: ``B`` when names are given with ``(3,)`` or ``None`` offsets.
 
         Returns:
             ``(B, C, d, h, w)`` float32.
+
+        Raises:
+            TypeError: for a single string as ``modality_ids``.
+            ValueError: for unknown names, names without ``batch_size`` or ``(B, 3)`` offsets,
+                or a crop outside the canvas (see
+                [`crop_templates`][mrissl.templates.crop_templates]).
 
         Examples:
             >>> t = ModalityTemplates(["t1", "t2"], shape=8, init=1.0)
@@ -208,7 +217,7 @@ class ModalityTemplates(nn.Module):
         """Fill the masked voxels from each case's own modality template (BrainMVP eq. 3).
 
         ``Φ_distill(X_im, T_m)``: see [`template_fill`][mrissl.templates.template_fill]; the
-        templates are normalized first (``normalize``). Vectorised over the batch; gradients
+        templates are normalized first (``normalize``). Vectorized over the batch; gradients
         reach the template voxels used by masked voxels (and, for ``"minmax"``, the min and
         max voxels).
 
@@ -220,7 +229,7 @@ class ModalityTemplates(nn.Module):
                 [`index`][mrissl.templates.ModalityTemplates.index]), or ``C`` modality names
                 shared by every case.
             offsets: ``(B, 3)``/``(3,)`` start of each crop in the canvas along
-                ``(D, H, W)``; ``None`` centres the crop.
+                ``(D, H, W)``; ``None`` centers the crop.
 
         Returns:
             ``(B, C, d, h, w)`` in the volume's dtype.
@@ -283,7 +292,7 @@ class ModalityTemplates(nn.Module):
     def parameter_groups(
         self, lr: float, *, model: nn.Module | None = None, **options: Any
     ) -> list[dict[str, Any]]:
-        """Optimiser parameter groups that give the templates their own learning rate.
+        """Optimizer parameter groups that give the templates their own learning rate.
 
         M3AE trains its learnable fill image at 0.005 against 3e-4 for the network. Without
         ``model`` the result is one group (the templates); with ``model`` (which may contain
@@ -296,7 +305,11 @@ class ModalityTemplates(nn.Module):
             **options: further options of the template group (``betas``, ...).
 
         Returns:
-            A list of parameter-group dicts for any ``torch.optim`` optimiser.
+            A list of parameter-group dicts for any ``torch.optim`` optimizer.
+
+        Raises:
+            TypeError: for a non-number ``lr``.
+            ValueError: for ``lr <= 0`` or not finite.
 
         Examples:
             >>> net = nn.Conv3d(1, 1, 3)
@@ -423,6 +436,9 @@ class ModalityTemplates(nn.Module):
 
         Returns:
             The paths written, in template order.
+
+        Raises:
+            ValueError: for an ``affine`` that is not a finite ``(4, 4)`` matrix.
 
         Examples:
             >>> import tempfile
