@@ -323,3 +323,18 @@ def test_from_nifti_rejects_files_on_different_grids_naming_both(tmp_path):
     ModalityTemplates(["flair"], shape=4, affine=shifted).to_nifti(tmp_path)
     with pytest.raises(ValueError, match=r"flair\.nii\.gz .*affine that differs .* by up to 0\.5"):
         ModalityTemplates.from_nifti(tmp_path, ["t1", "flair"])
+
+
+def test_from_nifti_names_plain_files_by_their_name_after_the_recorded_ones(tmp_path):
+    import nibabel as nib
+
+    for name, value in (("T2w.nii.gz", 2.0), ("t1.nii", 1.0)):  # no mrissl header
+        nib.save(nib.Nifti1Image(np.full((3, 3, 3), value, np.float32), np.eye(4)), tmp_path / name)
+    plain = ModalityTemplates.from_nifti(tmp_path)
+    assert plain.modalities == ("t1", "t2")  # canonical names, sorted
+    assert plain.weight[:, 0, 0, 0].tolist() == [1.0, 2.0]
+    assert plain.normalize == "none"
+    ModalityTemplates(["t2f"], shape=3, init=3.0).to_nifti(tmp_path)  # recorded as 1/1
+    mixed = ModalityTemplates.from_nifti(tmp_path)
+    assert mixed.modalities == ("flair", "t1", "t2")
+    assert mixed.weight[:, 0, 0, 0].tolist() == [3.0, 1.0, 2.0]
