@@ -79,6 +79,10 @@ class EffectiveRankMeter(nn.Module):
             of ``O(D²)`` values; the local state is unchanged; a no-op without a process group).
         process_group: the ``torch.distributed`` group to merge over (default: the world).
 
+    Raises:
+        TypeError: for a non-int ``dim``, a non-bool flag or a non-number ``eps``.
+        ValueError: for ``dim < 1`` or ``eps < 0``.
+
     Examples:
         >>> meter = EffectiveRankMeter(32)
         >>> g = torch.Generator().manual_seed(0)

@@ -282,7 +282,8 @@ class BarlowTwinsLoss(nn.Module):
     """Barlow Twins loss as a module.
 
     Holds the configuration, validated once here, and computes
-    [`barlow_twins`][mrissl.losses.barlow_twins] with it.
+    [`barlow_twins`][mrissl.losses.barlow_twins] with it:
+    ``L = Σ_i (1 − C_ii)² + λ Σ_i Σ_{j≠i} C_ij²``.
 
     Args:
         mode: ``"feature"`` (Barlow Twins, ``D × D`` feature correlation) or ``"token"``
@@ -292,6 +293,12 @@ class BarlowTwinsLoss(nn.Module):
         scale_by_size: divide by the matrix size ``D`` or ``N``.
         eps: smallest standard deviation or norm divided by.
         gather_distributed: use the global batch across processes, with gradients.
+
+    Raises:
+        TypeError: for a non-bool flag or a non-number ``lambda_offdiag``/``eps``.
+        ValueError: for an unknown ``mode``/``batch_mode``, a negative ``lambda_offdiag`` or a
+            non-positive ``eps``; ``forward`` raises as
+            [`barlow_twins`][mrissl.losses.barlow_twins].
 
     Examples:
         >>> loss_fn = BarlowTwinsLoss()  # feature mode, λ = 5e-3

@@ -300,6 +300,12 @@ class PyramidBarlowTwinsLoss(nn.Module):
     Attributes:
         levels: the level names: block numbers, or ``1 … L``, in the order of ``per_level``.
 
+    Raises:
+        TypeError: for ``levels`` that are neither an int nor a sequence, or a bad setting type.
+        ValueError: for no or repeated levels, ``weights`` of the wrong length or negative, and
+            the settings [`BarlowTwinsLoss`][mrissl.losses.BarlowTwinsLoss] rejects;
+            ``forward`` raises as [`pyramid_barlow_twins`][mrissl.losses.pyramid_barlow_twins].
+
     Examples:
         >>> from mrissl.nn import pyramid_levels
         >>> pbt = PyramidBarlowTwinsLoss(pyramid_levels(12, 4))
