@@ -27,9 +27,14 @@ ALLOWED: dict[str, set[str]] = {
     "diagnostics": FOUNDATION | {"nn", "distributed"},
     "templates": FOUNDATION | {"nn", "distributed", "masking"},
     "data": FOUNDATION | {"nn", "distributed", "masking", "losses", "diagnostics", "templates"},
+    # the command: argument types, the parser, one module per subcommand (all but cli private)
     "_cli_args": FOUNDATION,
+    "_cli_parser": FOUNDATION | {"_cli_args"},
+    "_cli_rank": FOUNDATION | {"_cli_args", "diagnostics"},
+    "_cli_templates": FOUNDATION | {"_cli_args", "templates"},
     "cli": FOUNDATION
-    | {"nn", "distributed", "masking", "losses", "diagnostics", "templates", "data", "_cli_args"},
+    | {"nn", "distributed", "masking", "losses", "diagnostics", "templates", "data"}
+    | {"_cli_args", "_cli_parser", "_cli_rank", "_cli_templates"},
     "__main__": {"cli"},
     "integrations": FOUNDATION
     | {"nn", "distributed", "masking", "losses", "diagnostics", "templates", "data"},

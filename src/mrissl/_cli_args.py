@@ -1,6 +1,7 @@
-"""Argument types of the ``mrissl`` command (private): every number and name checked by argparse.
+"""Argument types and user errors of the ``mrissl`` command (private).
 
-Each function is an argparse ``type=``: it turns the text into a value or raises
+``CLIError`` is a user error that the command reports as one line on stderr with exit code 2.
+Every other function is an argparse ``type=``: it turns the text into a value or raises
 ``argparse.ArgumentTypeError`` whose message argparse prints after the option's name, so a bad
 argument is one line and exit code 2 before any work starts. Standard library only, so
 ``mrissl --help`` stays instant.
@@ -24,6 +25,16 @@ MAX_SIDE = 1024
 MAX_COUNT = 100_000
 #: torch.Generator.manual_seed takes at most 64 bits; seeds are kept non-negative
 MAX_SEED = 2**63 - 1
+
+
+class CLIError(Exception):
+    """A user error: reported as one line on stderr with exit code 2."""
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (its repr when the message is empty)."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else repr(err)
 
 
 def int_in(low: int, high: int, what: str) -> Callable[[str], int]:

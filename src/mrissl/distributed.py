@@ -87,12 +87,10 @@ def gather_sizes(
 ) -> list[int]:
     """Return the local batch size of every process, in rank order.
 
-    Losses use it to find where this process's samples sit in the gathered batch (the labels of
-    InfoNCE are offset by the sizes of the lower ranks) and to gather batches of unequal sizes.
-    The exchange is one small ``all_gather`` and waits for its result on the host: the one host
-    synchronisation of a loss with ``gather_distributed=True``. It cannot be skipped when the
-    sizes happen to be equal, because no process can know that without asking the others, and
-    gathering tensors of unequal lengths needs every length on the host to size the buffers.
+    Losses use it to place this process's samples in the gathered batch and to gather batches
+    of unequal sizes. It is one small ``all_gather`` read on the host: the one host
+    synchronisation of a loss with ``gather_distributed=True``
+    ([Across processes][across-processes]).
 
     Args:
         n: this process's number of samples.

@@ -47,21 +47,15 @@ class CollapseMonitor(nn.Module):
     """Flags complete and dimensional collapse from the loss and features of each step.
 
     Call [`step`][mrissl.diagnostics.CollapseMonitor.step] once per training step with the
-    reconstruction loss and (optionally) a batch of features. The work per step is cheap and
-    does not synchronise with the device: the loss is added to a running sum and the features
-    to an [`EffectiveRankMeter`][mrissl.diagnostics.EffectiveRankMeter] (one ``D × D`` matrix
-    product). Every ``window`` steps the monitor decomposes the window's moments (one
-    ``eigvalsh`` of ``D × D``), reads the mean loss, updates its verdict and starts a new window:
+    loss and (optionally) features; it never synchronises but every ``window`` steps, when it
+    decides:
 
-    * **complete collapse** (E-MIM eq. 3): ``|mean loss − floor| ≤ tolerance · floor``, where
-      ``floor`` is Var(x_m) from [`collapsed_loss_floor`][mrissl.diagnostics.collapsed_loss_floor];
-      a loss well below the floor means the model beats every constant predictor.
+    * **complete collapse** (E-MIM eq. 3): ``|mean loss − floor| ≤ tolerance · floor``, with
+      ``floor`` = Var(x_m) from [`collapsed_loss_floor`][mrissl.diagnostics.collapsed_loss_floor];
     * **dimensional collapse**: the window's effective rank is below ``rank_fraction`` times the
-      first window's, or it decreased in each of the last ``patience`` windows and by at least
-      ``min_drop`` (relative) over them.
+      first window's, or fell in each of the last ``patience`` windows by ``min_drop`` in all.
 
-    With ``warn=True`` a ``UserWarning`` carrying the reason is issued when a flag turns on. The
-    history of window values saves and loads through ``state_dict``.
+    See [Watching a run: `CollapseMonitor`][watching-a-run-collapsemonitor].
 
     Args:
         dim: the feature dimension ``D`` of the features given to ``step``.
@@ -74,7 +68,12 @@ class CollapseMonitor(nn.Module):
         min_drop: relative fall over those windows needed to flag it.
         center: passed to the meter (spectrum of the covariance).
         gather_distributed: merge features of all processes when a window ends.
-        warn: issue a warning when a collapse is first flagged.
+        warn: issue a ``UserWarning`` with the reason when a collapse is first flagged.
+
+    Raises:
+        TypeError: for a setting of the wrong type (a ``bool`` for a number, a float window).
+        ValueError: for a negative ``floor``, ``tolerance`` or ``min_drop``, a
+            ``rank_fraction`` outside ``(0, 1]``, or a ``window``/``patience`` below 1.
 
     Examples:
         >>> monitor = CollapseMonitor(dim=16, floor=0.02, window=5)

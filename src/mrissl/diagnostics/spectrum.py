@@ -1,29 +1,14 @@
 """Singular value spectrum, effective rank and RankMe of a feature matrix.
 
-Dimensional collapse (E-MIM Sec. I and Fig. 1b) shows in the singular values of the learned
-features: a collapsed encoder has only a few large ones. Its single-number summary is the
+Dimensional collapse (E-MIM Sec. I and Fig. 1b) shows in the singular values ``σ_k`` of the
+``(N, D)`` features (``(B, N, E)`` tokens count as ``B·N`` samples). Its summary is the
 effective rank of Roy & Vetterli (2007, E-MIM ref. [27]),
 
     p_k = σ_k / Σ_j σ_j,        erank = exp(−Σ_k p_k log p_k),
 
 and RankMe (Garrido et al., 2023) is the same entropy with a small ε added to every ``p_k``.
-
-Conventions, stated once for every function here:
-
-* **Singular values, not eigenvalues.** ``σ_k`` are singular values of the ``(N, D)`` feature
-  matrix; the eigenvalues of its covariance are proportional to ``σ_k²``.
-* **Centering.** With ``center=True`` the column means are subtracted first, so the spectrum is
-  that of the covariance (up to the factor ``N − 1``). RankMe's paper uses raw embeddings, so
-  [`rankme`][mrissl.diagnostics.rankme] defaults to ``center=False``.
-* **Cap.** There are ``min(N, D)`` singular values (one fewer non-zero one after centering when
-  ``N ≤ D``), so the effective rank of ``N`` samples can never exceed ``N``: accumulate samples
-  over batches with [`EffectiveRankMeter`][mrissl.diagnostics.EffectiveRankMeter]. A warning is
-  issued when the cap is below ``D``.
-* **Token features** ``(B, N, E)`` are flattened to ``(B·N, E)``: every token is one sample.
-* **Precision.** Everything runs in float64 whatever the input dtype, so features around 1e30
-  or 1e-30 in float32 give the ranks of the same features at unit size.
-* **No synchronisation.** Nothing here reads a device value on the host unless the value
-  checks are on (``mrissl.set_checks("values")``); each function compiles into one graph.
+Everything runs in float64. The conventions (singular values, centering, the ``min(N, D)``
+cap): [Dimensional collapse][dimensional-collapse-spectrum-and-effective-rank].
 """
 
 from __future__ import annotations
@@ -145,9 +130,8 @@ def effective_rank(z_or_spectrum: torch.Tensor, *, center: bool = True) -> torch
 
     ``p_k = σ_k / Σ_j σ_j`` and ``erank = exp(−Σ_k p_k log p_k)`` over the singular values
     ``σ_k`` (not eigenvalues), with ``0·log 0 = 0``. A matrix with ``k`` equal non-zero singular
-    values has effective rank exactly ``k``; the all-zero matrix (a constant feature after
-    centering) has effective rank 0. The value is at most ``min(N, D)``, so a single small batch
-    underestimates it (a warning says so when ``N < D``).
+    values has effective rank exactly ``k``; the all-zero matrix has effective rank 0. The value
+    is at most ``min(N, D)`` (a warning says so when ``N < D``).
 
     Args:
         z_or_spectrum: ``(N, D)`` or ``(B, N, E)`` features (see
@@ -215,12 +199,10 @@ def rankme(
 def std_of_l2_normalized(z: torch.Tensor) -> torch.Tensor:
     """Mean over dimensions of the standard deviation of L2-normalised features.
 
-    The collapse indicator of SimSiam (Chen & He, 2021): each sample is scaled to unit length,
-    then the standard deviation over samples is taken per dimension and averaged. It is 0 when
-    every sample maps to the same direction (complete collapse) and close to ``1/sqrt(D)`` for
-    isotropic Gaussian features. Computed in float32 (float64 input stays float64); each sample
-    is divided by its largest magnitude before its norm is taken, so features around 1e30 or
-    1e-30 give the value of the same features at unit size, and an all-zero sample stays zero.
+    The collapse indicator of SimSiam (Chen & He, 2021), ``mean_d std_n (z_n / ||z_n||)_d``:
+    0 when every sample points the same way (complete collapse), close to ``1/sqrt(D)`` for
+    isotropic Gaussian features. Computed in float32 (float64 stays float64) at any scale; an
+    all-zero sample stays zero.
 
     Args:
         z: ``(N, D)`` features, or ``(B, N, E)`` tokens flattened to ``(B·N, E)``; at least 2

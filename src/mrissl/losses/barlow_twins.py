@@ -1,31 +1,16 @@
 """Barlow Twins: push a cross-correlation matrix of two views towards the identity.
 
-Two ways to build the matrix are in use, and both are here:
+``L = Σ_i (1 − C_ii)² + λ Σ_i Σ_{j≠i} C_ij²`` (E-MIM eq. 8), optionally divided by the size of
+``C`` (``scale_by_size``). Two ways to build ``C`` are in use, and both are here:
 
-* ``mode="feature"`` (Zbontar et al. 2021): each of the ``D`` features is standardised along the
-  batch, and ``C`` is the ``D × D`` correlation between the features of the two views,
+* ``mode="feature"`` (Zbontar et al. 2021): ``C_ij = (1/M) Σ_m a_mi b_mj``, the ``D × D``
+  correlation of features standardised along the ``M`` samples (biased std), λ = 5e-3;
+* ``mode="token"`` (E-MIM eqs. 4 and 8): ``C_ij = z_i · z_m_j / (||z_i|| ||z_m_j||)``, the
+  ``N × N`` cosine matrix over **patch positions**, λ = 1, built per sample or jointly over
+  the batch (``batch_mode``).
 
-      C_ij = (1/M) Σ_m a_mi b_mj ,   a = (z_a − mean) / std  over the M samples,
-
-  with the off-diagonal weight λ = 5e-3. The standard deviation is the biased one (divided by
-  ``M``), the same ``M`` that divides ``C``: then ``C_ii = 1`` exactly for identical views, at any
-  batch size. (Dividing by ``M`` but normalising with the unbiased ``M − 1`` estimate, as MONAI's
-  ``BarlowTwinsLoss`` does, gives ``C_ii = (M − 1)/M``, never 1.) Token sequences ``(B, N, D)``
-  are standardised along the batch and the tokens together, ``M = B·N``.
-* ``mode="token"`` (E-MIM eqs. 4 and 8): ``(B, N, E)`` token features, a cosine over the feature
-  dimension and an ``N × N`` matrix whose indices are **patch positions**,
-
-      C_ij = Σ_f z_{i,f} z_m{j,f} / ( ||z_i|| · ||z_m_j|| ) ,
-
-  with off-diagonal weight 1. The paper leaves open how the batch enters; ``batch_mode`` picks:
-  ``"per_sample"`` builds one matrix per sample and averages the ``B`` losses; ``"joint"`` sums
-  over the batch inside ``C`` (the feature vector of position ``i`` is then the concatenation of
-  ``z_{b,i}`` over the batch, and one matrix is built).
-
-In both modes the loss is ``L = Σ_i (1 − C_ii)² + λ Σ_i Σ_{j≠i} C_ij²`` (E-MIM eq. 8), optionally
-divided by the matrix size (``scale_by_size``) so that values are comparable across ``D`` or
-``N``. ``Σ_ij C_ij²`` is computed from ``M × M`` Gram matrices when that is cheaper than forming
-``C`` (feature mode with ``2M < D``).
+Why the standard deviation is the biased one, how the batch enters token mode and when the
+Gram-matrix shortcut is taken: [Barlow Twins in two modes][barlow-twins-in-two-modes].
 """
 
 from __future__ import annotations
@@ -297,7 +282,8 @@ class BarlowTwinsLoss(nn.Module):
     """Barlow Twins loss as a module.
 
     Holds the configuration, validated once here, and computes
-    [`barlow_twins`][mrissl.losses.barlow_twins] with it.
+    [`barlow_twins`][mrissl.losses.barlow_twins] with it:
+    ``L = Σ_i (1 − C_ii)² + λ Σ_i Σ_{j≠i} C_ij²``.
 
     Args:
         mode: ``"feature"`` (Barlow Twins, ``D × D`` feature correlation) or ``"token"``
@@ -307,6 +293,12 @@ class BarlowTwinsLoss(nn.Module):
         scale_by_size: divide by the matrix size ``D`` or ``N``.
         eps: smallest standard deviation or norm divided by.
         gather_distributed: use the global batch across processes, with gradients.
+
+    Raises:
+        TypeError: for a non-bool flag or a non-number ``lambda_offdiag``/``eps``.
+        ValueError: for an unknown ``mode``/``batch_mode``, a negative ``lambda_offdiag`` or a
+            non-positive ``eps``; ``forward`` raises as
+            [`barlow_twins`][mrissl.losses.barlow_twins].
 
     Examples:
         >>> loss_fn = BarlowTwinsLoss()  # feature mode, λ = 5e-3

@@ -194,6 +194,11 @@ class InfoNCELoss(nn.Module):
     Attributes:
         log_temperature: the ``nn.Parameter`` ``log τ`` when learnable, else ``None``.
 
+    Raises:
+        TypeError: for a non-bool flag or a non-number temperature.
+        ValueError: for a temperature or ``min_temperature`` that is not positive and finite;
+            ``forward`` raises as [`info_nce`][mrissl.losses.info_nce].
+
     Examples:
         >>> loss_fn = InfoNCELoss(temperature=0.07, learnable_temperature=True)
         >>> g = torch.Generator().manual_seed(0)

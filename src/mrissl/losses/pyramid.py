@@ -1,24 +1,16 @@
 """E-MIM's pyramid Barlow Twins (PBT) loss, for any encoder whose blocks can be captured.
 
-The full image ``x`` and the masked image ``x_m`` pass through the same encoder; at ``L``
-levels (blocks ``12/L · l``, [`pyramid_levels`][mrissl.nn.pyramid_levels]) the token features
-``z^l`` and ``z_m^l`` are compared by a Barlow Twins loss over patch positions (token mode of
-[`barlow_twins`][mrissl.losses.barlow_twins]), and the levels are summed:
+The token features ``z^l`` (full image) and ``z_m^l`` (masked image) of ``L`` encoder levels
+([`pyramid_levels`][mrissl.nn.pyramid_levels]) are compared by token-mode
+[`barlow_twins`][mrissl.losses.barlow_twins] and summed:
 
     L^l     = Σ_i (1 − C^l_ii)² + Σ_i Σ_{j≠i} (C^l_ij)²          (E-MIM eq. 8)
     L_PBT   = Σ_l w_l L^l                                          (E-MIM eq. 7, w_l = 1)
 
-By default (``reduction="mean"``) each ``L^l`` is divided by the number of entries of its
-matrix, ``N²``: the mean squared distance of ``C^l`` from the identity, a number in ``[0, 1]``
-for any ``N`` (plus at most ``3/N`` on the diagonal), the scale of a mean-squared reconstruction
-loss, so that ``loss = loss + pbt(z_a, z_b)`` balances the two terms. The weights of eq. 8
-are unchanged. ``reduction="sum"`` is eq. 8 as printed; the losses guide says when to use it.
-
-Two kinds of encoders are covered. A full-token encoder (SimMIM, E-MIM) sees every position in
-both views, so ``z^l`` and ``z_m^l`` are both ``(B, N, E)``. A token-dropping encoder (MAE)
-sees only the kept positions of the masked view, ``z_m^l: (B, K, E)``; given the ``keep``
-indices of that view, the full view is gathered at the same positions first, so that ``C_ii``
-still compares one patch position in both views.
+``reduction="mean"`` (default) divides each ``L^l`` by the ``N²`` entries of its matrix;
+``reduction="sum"`` is eq. 8 as printed. A token-dropping encoder passes the ``keep`` indices
+of its masked view. Why the mean, and how to weigh PBT against a reconstruction loss:
+[Balancing the E-MIM objective][balancing-the-e-mim-objective].
 """
 
 from __future__ import annotations
@@ -307,6 +299,12 @@ class PyramidBarlowTwinsLoss(nn.Module):
 
     Attributes:
         levels: the level names: block numbers, or ``1 … L``, in the order of ``per_level``.
+
+    Raises:
+        TypeError: for ``levels`` that are neither an int nor a sequence, or a bad setting type.
+        ValueError: for no or repeated levels, ``weights`` of the wrong length or negative, and
+            the settings [`BarlowTwinsLoss`][mrissl.losses.BarlowTwinsLoss] rejects;
+            ``forward`` raises as [`pyramid_barlow_twins`][mrissl.losses.pyramid_barlow_twins].
 
     Examples:
         >>> from mrissl.nn import pyramid_levels

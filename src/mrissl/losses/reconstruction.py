@@ -1,19 +1,9 @@
 """Masked reconstruction loss: MAE, E-MIM eq. 9 and BrainMVP in one function.
 
-The three papers reconstruct the same thing and differ in where the error is counted:
-
-* MAE: the mean squared error over the **masked** patches only, optionally against targets
-  normalised per patch (``norm_pix``);
-* E-MIM eq. 9: ``L_MIM = ||x − g(Transformer(x_m))||²`` over the **whole** image (``on="all"``),
-  a squared norm, i.e. a **sum** over voxels (``reduction="sum"``);
-* BrainMVP (``L_CMR``, ``L_MD``): the error against the original volume, with voxel masks.
-
-By default the loss is a mean over the counted voxels, ``Σ w (pred − target)² / Σ w``, where
-``w`` selects the masked voxels (or all) of the modalities that exist: a modality marked missing
-in ``available`` is never a target (DESIGN.md). ``reduction="sum"`` gives eq. 9's squared norm
-of each image, averaged over the batch, ``Σ w (pred − target)² / B``. The target is the original
-volume, a tensor separate from the masked input (REFERENCES.md: E-MIM's released code zeroed its
-own target).
+``L = Σ w (pred − target)² / Σ w`` (``reduction="mean"``) or ``Σ w (pred − target)² / B``
+(``reduction="sum"``, E-MIM eq. 9's squared norm), where ``w`` selects the masked voxels (or
+all, ``on="all"``) of the modalities that exist. The recipes of the three papers:
+[Masked reconstruction][masked-reconstruction].
 """
 
 from __future__ import annotations
@@ -27,6 +17,7 @@ from einops import rearrange
 from mrissl._checks import check_bool, check_choice, check_tensor
 from mrissl.losses._common import (
     check_features,
+    check_same_shape,
     compute_dtype,
     no_autocast,
     raise_if_not_finite,
@@ -78,6 +69,9 @@ def masked_reconstruction_loss(
 ) -> torch.Tensor:
     """Squared reconstruction error over the masked (or all) voxels of existing modalities.
 
+    ``L = Σ w (pred − target)² / Σ w``, or ``Σ w (pred − target)² / B`` with
+    ``reduction="sum"`` (E-MIM eq. 9), ``w`` the counted voxels.
+
     Args:
         pred: the reconstruction, in one of three layouts: a volume ``(B, C, D, H, W)``
             (BrainMVP, E-MIM's ``g``); per-modality patches ``(B, C, N, p0·p1·p2)``; or
@@ -95,8 +89,8 @@ def masked_reconstruction_loss(
         available: ``(B, C)`` bool, False for a missing modality: its voxels are never counted.
         reduction: ``"mean"`` (MAE, BrainMVP: the mean over the counted voxels) or ``"sum"``
             (E-MIM eq. 9's squared norm: the sum over each image's counted voxels, averaged
-            over the batch). The sum is as large as the number of counted voxels; see the
-            losses guide before adding it to other terms.
+            over the batch). The sum grows with the number of counted voxels: see
+            [Balancing the E-MIM objective][balancing-the-e-mim-objective].
 
     Returns:
         The scalar loss, float32 (float64 for float64 inputs). When nothing is counted (no voxel
@@ -110,29 +104,16 @@ def masked_reconstruction_loss(
             (``mrissl.set_checks``).
 
     Examples:
-        MAE on stacked tokens, counting only the masked positions:
-
-        >>> g = torch.Generator().manual_seed(0)
-        >>> x = torch.rand(2, 4, 32, 32, 32, generator=g)  # (B, C, D, H, W)
-        >>> pred = torch.rand(2, 64, 4 * 8**3, generator=g)  # (B, N, C·p³), patch 8
-        >>> mask = torch.rand(2, 64, generator=g) < 0.75  # (B, N), True = masked
-        >>> masked_reconstruction_loss(pred, x, mask, patch_size=8).shape
-        torch.Size([])
-
         A perfect reconstruction of the masked voxels costs nothing, whatever the rest is;
         a missing modality (here 3 of case 1) is never a target:
 
+        >>> g = torch.Generator().manual_seed(0)
+        >>> x = torch.rand(2, 4, 32, 32, 32, generator=g)  # (B, C, D, H, W)
         >>> voxel_mask = torch.rand(2, 4, 32, 32, 32, generator=g) < 0.5
         >>> guess = torch.where(voxel_mask, x, torch.zeros_like(x))
         >>> available = torch.tensor([[True] * 4, [True, True, True, False]])
         >>> float(masked_reconstruction_loss(guess, x, voxel_mask, available=available))
         0.0
-
-        E-MIM eq. 9 is a squared norm: the sum over each image, averaged over the batch:
-
-        >>> err = masked_reconstruction_loss(guess, x, on="all", reduction="sum")
-        >>> bool(torch.isclose(err, (guess - x).square().sum() / 2))
-        True
     """
     check_features(target, "target", ndim=5)
     check_features(pred, "pred", ndim=(3, 4, 5))
@@ -172,11 +153,7 @@ def masked_reconstruction_loss(
             N, P = t.shape[2], t.shape[3]
             layouts = {"stacked": (B, N, C * P), "per_modality": (B, C, N, P)}
             if pred.ndim == 5:
-                if pred.shape != target.shape:
-                    raise ValueError(
-                        f"pred and target must have the same shape, got {tuple(pred.shape)} and "
-                        f"{voxel_shape}"
-                    )
+                check_same_shape(pred, target, "pred", "target")
                 p = patchify(pred, patch_size)
             elif tuple(pred.shape) == layouts["stacked"]:
                 p = rearrange(pred, "b n (c p) -> b c n p", c=C)
@@ -216,11 +193,7 @@ def masked_reconstruction_loss(
                 t = _norm_pix(t, over_modalities=pred.ndim == 3, av=available)
             diff2 = (p.to(dtype) - t).square()
         else:
-            if pred.shape != target.shape:
-                raise ValueError(
-                    f"pred and target must have the same shape, got {tuple(pred.shape)} and "
-                    f"{voxel_shape}"
-                )
+            check_same_shape(pred, target, "pred", "target")
             w = None
             if mask is not None:
                 _check_mask(mask, "mask", {"voxel": voxel_shape})

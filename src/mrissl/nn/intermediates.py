@@ -1,16 +1,11 @@
 """Capture the outputs of chosen transformer blocks or encoder stages during a forward pass.
 
-E-MIM's pyramid Barlow Twins loss compares token features of the full and the masked view at
-several encoder depths (eq. 7, blocks 3, 6, 9 and 12 of 12).
-[`capture_intermediates`][mrissl.nn.capture_intermediates] collects those features from a
-model the user already has, without changing its code, through forward hooks that it removes
-when the ``with`` block ends, also after an exception.
-
-Blocks are numbered from 1 as in E-MIM: block ``k`` is the output of the ``k``-th transformer
-block, before any final norm. Negative numbers count from the end (``-1`` is the last block).
-Hierarchical encoders (MONAI's ``SwinUNETR``, CNNs, hybrids) return ``(B, C, D, H, W)`` feature
-maps; those are handed back as ``(B, N, C)`` tokens in raster order (depth slowest) with their
-grid, so the losses and meters take them as they take ViT tokens.
+[`capture_intermediates`][mrissl.nn.capture_intermediates] collects the token features of
+E-MIM's pyramid levels (eq. 7, blocks 3, 6, 9 and 12 of 12) from a model the user already has,
+through forward hooks removed when the ``with`` block ends. Blocks are numbered from 1 as in
+E-MIM; feature maps of hierarchical encoders come back as ``(B, N, C)`` tokens with their grid.
+Which models are found: [timm][timm], [Other models][other-models] and
+[Swin, UNETR and CNN encoders][swin-unetr-and-cnn-encoders].
 """
 
 from __future__ import annotations
@@ -40,10 +35,8 @@ def pyramid_levels(depth: int = 12, levels: int = 4) -> list[int]:
     paper's blocks 3, 6, 9 and 12. When ``levels`` does not divide ``depth`` the blocks are
     rounded up, so the last level is always the last block.
 
-    ``L = 1`` gives the last block (``12/L · l = 12``, eqs. 5-6). E-MIM's Table IV labels that
-    row "1 (input)" instead, which its equations do not define (the input has no token
-    features to correlate before the patch embedding); mrissl follows the equations. For a
-    level on the patch embedding's output, capture it yourself and pass it as one more level.
+    ``L = 1`` gives the last block (``12/L · l = 12``, eqs. 5-6; E-MIM's Table IV labels that
+    row "1 (input)", which its equations do not define).
 
     Args:
         depth: number of transformer blocks in the encoder.
@@ -336,16 +329,7 @@ def capture_intermediates(
         >>> [tuple(f.shape) for f in feats]
         [(3, 64, 24), (3, 64, 24)]
 
-        The four stages of MONAI's ``SwinUNETR``, as tokens with their grids:
-
-        >>> from monai.networks.nets import SwinUNETR
-        >>> swin = SwinUNETR(in_channels=2, out_channels=3, feature_size=12, depths=(1, 1, 1, 1))
-        >>> with capture_intermediates(swin, [1, 2, 3, 4]) as feats:
-        ...     _ = swin.swinViT(torch.randn(1, 2, 32, 32, 64))
-        >>> [tuple(f.shape) for f in feats]
-        [(1, 1024, 24), (1, 128, 48), (1, 16, 96), (1, 2, 192)]
-        >>> feats.grids
-        [(8, 8, 16), (4, 4, 8), (2, 2, 4), (1, 1, 2)]
+        MONAI, Swin and CNN encoders: [Swin, UNETR and CNN encoders][swin-unetr-and-cnn-encoders].
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")

@@ -1,20 +1,11 @@
 """3D patch embedding for vision transformers on multi-modal volumes.
 
 [`PatchEmbed3d`][mrissl.nn.PatchEmbed3d] takes timm's ``PatchEmbed`` keyword names, so it plugs into
-``timm.models.vision_transformer.VisionTransformer(embed_layer=PatchEmbed3d, ...)`` and reads
-like the 2D layer a timm user already knows. It offers the two token layouts of DESIGN.md:
-
-* ``layout="stacked"`` (default): one token per position with every modality in it, as UNETR
-  and E-MIM; ``(B, C, D, H, W) -> (B, N, E)``.
-* ``layout="per_modality"``: one token per modality and position, ``(B, C, D, H, W) ->
-  (B, C·N, E)`` with modality ``c`` at tokens ``c·N … c·N + N - 1`` and a learnable modality
-  embedding added, so that a whole modality or a single patch of one modality can be dropped
-  from the encoder input with [`gather_tokens`][mrissl.nn.gather_tokens] and a ``(B, C, N)`` mask.
-
-A patch embedding with stride equal to its kernel is a matrix product on the flattened patches;
-the layer computes it that way (three times faster than ``Conv3d`` on CPU for 16³ patches),
-while keeping its weight in a ``Conv3d`` named ``proj`` so that checkpoints and weight
-initialisers written for timm and MONAI apply unchanged.
+``timm.models.vision_transformer.VisionTransformer(embed_layer=PatchEmbed3d, ...)``. It offers
+both token layouts: ``"stacked"`` (one token per position, ``(B, C, D, H, W) -> (B, N, E)``)
+and ``"per_modality"`` (one token per modality and position, ``(B, C·N, E)``, modality-major).
+The projection is computed as a matrix product on the flattened patches while its weight stays
+in a ``Conv3d`` named ``proj``: [Equivalence with `Conv3d`][equivalence-with-conv3d].
 """
 
 from __future__ import annotations
@@ -51,6 +42,10 @@ _AXES = ("depth", "height", "width")
 class PatchEmbed3d(nn.Module):
     """Embed non-overlapping 3D patches of a multi-modal volume as tokens.
 
+    ``tokens = W · patches + b``: a ``Conv3d`` with stride equal to its kernel, computed as a
+    matrix product. Inside timm and with other input sizes:
+    [Inside a timm `VisionTransformer`][inside-a-timm-visiontransformer].
+
     Args:
         img_size: spatial size ``(D, H, W)`` the layer is built for, or one int; ``None``
             leaves it open (then ``num_patches`` is unknown and any divisible size is accepted).
@@ -61,11 +56,9 @@ class PatchEmbed3d(nn.Module):
             ``norm_layer(embed_dim)`` (for example ``nn.LayerNorm``).
         flatten: return a token sequence (``True``) or the token grid (``False``).
         output_fmt: for a grid output, ``"NCDHW"`` (the default when ``flatten=False``) or
-            ``"NDHWC"``; giving it implies ``flatten=False``, as in timm. ``"NHWC"`` is what a
-            timm ``VisionTransformer`` built with ``dynamic_img_size=True`` asks for: the
-            layer then returns ``"NDHWC"`` grids, which the model takes once
-            [`adapt_timm_vit`][mrissl.nn.adapt_timm_vit] has made it resample its position
-            embedding in 3D.
+            ``"NDHWC"``; giving it implies ``flatten=False``, as in timm. ``"NHWC"`` (from a
+            timm ViT with ``dynamic_img_size=True``) gives ``"NDHWC"`` grids; see
+            [`adapt_timm_vit`][mrissl.nn.adapt_timm_vit].
         bias: whether the projection has a bias.
         strict_img_size: require inputs of exactly ``img_size``; when ``False`` any size that
             the patch size divides is accepted.
@@ -87,23 +80,16 @@ class PatchEmbed3d(nn.Module):
         * ``layout="per_modality"``: ``(B, C·N, E)``, modality-major; grid output
           ``(B, C, E, gd, gh, gw)`` or ``(B, C, gd, gh, gw, E)``.
 
+    Raises:
+        TypeError: for a non-bool flag, or (in ``forward``) a non-floating input or one whose
+            dtype differs from the weights outside autocast.
+        ValueError: for a bad size, count or choice, and (in ``forward``) an input whose
+            modalities or size do not fit the layer.
+
     Examples:
         >>> embed = PatchEmbed3d(img_size=96, patch_size=16, in_chans=4, embed_dim=96)
         >>> embed(torch.randn(2, 4, 96, 96, 96)).shape
         torch.Size([2, 216, 96])
-        >>> per_mod = PatchEmbed3d(
-        ...     96, patch_size=16, in_chans=4, embed_dim=96, layout="per_modality"
-        ... )
-        >>> per_mod(torch.randn(2, 4, 96, 96, 96)).shape
-        torch.Size([2, 864, 96])
-
-        With timm (the class token and learnable position embedding are timm's):
-
-        >>> from timm.models.vision_transformer import VisionTransformer
-        >>> vit = VisionTransformer(img_size=64, patch_size=16, in_chans=4, embed_dim=48,
-        ...                         depth=2, num_heads=4, num_classes=0, embed_layer=PatchEmbed3d)
-        >>> vit.forward_features(torch.randn(1, 4, 64, 64, 64)).shape
-        torch.Size([1, 65, 48])
     """
 
     def __init__(

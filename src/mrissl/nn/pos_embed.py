@@ -5,10 +5,8 @@ split into three equal parts for depth, height and width, and each part holds
 ``sin(pos·ω_k)`` then ``cos(pos·ω_k)`` for the frequencies ``ω_k = temperature^(-k/F)``,
 ``k = 0 … F-1``, ``F = dim / 6``.
 
-Positions are token indices by default. Given the voxel spacing, positions are the physical
-coordinates of the token centres in millimetres, so a grid of 1 × 1 × 3 mm voxels is encoded
-as the anisotropic grid it is, and two scans of different resolution that cover the same
-anatomy get comparable embeddings.
+Positions are token indices, or, given the voxel spacing, the token centres in millimetres
+([Physical spacing][physical-spacing]).
 
 [`resample_pos_embed_3d`][mrissl.nn.resample_pos_embed_3d] is the 3D counterpart of timm's
 ``resample_abs_pos_embed``: it interpolates a learned ``(1, P + N, E)`` position embedding from

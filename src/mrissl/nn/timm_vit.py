@@ -1,24 +1,12 @@
 """timm's ``VisionTransformer`` on 3D volumes: building it, resizing it, dynamic input sizes.
 
-timm builds a ViT around any ``embed_layer``, so [`PatchEmbed3d`][mrissl.nn.PatchEmbed3d]
-turns it into a 3D encoder. Three places of timm assume 2D images, and this module covers each:
-
-* ``timm.create_model(..., img_size=(D, H, W))`` builds the model and then fails in timm's
-  record of the input size, which accepts only ``(H, W)``. Pass the 3D size through the embed
-  layer instead: ``embed_layer=PatchEmbed3d.for_timm((D, H, W))``
-  ([`PatchEmbed3dFactory`][mrissl.nn.PatchEmbed3dFactory]); the call with
-  ``embed_layer=PatchEmbed3d`` and a 3D ``img_size`` stops before the build with an error that
-  shows it.
-* ``dynamic_img_size=True`` resamples the position embedding as a 2D image;
-  [`adapt_timm_vit`][mrissl.nn.adapt_timm_vit] replaces that step, for this one model, by the
-  3D resampling of [`resample_pos_embed_3d`][mrissl.nn.resample_pos_embed_3d] (and makes
-  ``set_input_size`` resample in 3D too).
-* ``forward_intermediates`` lays features out as 2D maps and cannot take a volume; after
-  ``adapt_timm_vit`` it raises an error that points to
-  [`capture_intermediates`][mrissl.nn.capture_intermediates], which works on any ViT.
-
-Nothing here imports timm or changes it: the adaptation sets three methods on the one model
-instance you pass.
+timm assumes 2D images in three places, each covered here:
+``timm.create_model(img_size=(D, H, W))`` (use ``embed_layer=PatchEmbed3d.for_timm((D, H, W))``,
+[`PatchEmbed3dFactory`][mrissl.nn.PatchEmbed3dFactory]); ``dynamic_img_size=True`` and
+``set_input_size`` (resampled in 3D after [`adapt_timm_vit`][mrissl.nn.adapt_timm_vit]); and
+``forward_intermediates`` (use [`capture_intermediates`][mrissl.nn.capture_intermediates]).
+Nothing here imports or changes timm: [With `timm.create_model`, any box, any input
+size][with-timmcreate_model-any-box-any-input-size].
 """
 
 from __future__ import annotations
