@@ -716,6 +716,13 @@ class CollapseFloorMeter:
             TypeError, ValueError: for a bad volume, mask or ``available``, or a shape that
                 differs from the first volume's (``constant="voxel"``).
         """
+        x, avail, idx = self._prepare(volume, available, index)
+        self._accumulate(x, avail, self._masks(x, avail, idx))
+
+    def _prepare(
+        self, volume: torch.Tensor, available: Any, index: Any
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """``update``'s arguments checked: the batch, ``available`` (None = all), the indices."""
         x = _as_batch(volume, "volume").to(self.device)
         B, C = x.shape[:2]
         avail = None
@@ -725,11 +732,19 @@ class CollapseFloorMeter:
             avail = check_available(given, B, C, self.device)
             if avail is not None and bool(avail.all()):  # all present: nothing to exclude
                 avail = None
-        idx = _as_index(index, B, "update")
-        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         if self._shape is not None:
             _check_shape(x, self._shape, self.constant)
-        masks = self._masks(x, avail, idx)
+        return x, avail, _as_index(index, B, "update")
+
+    def _accumulate(
+        self,
+        x: torch.Tensor,
+        avail: torch.Tensor | None,
+        masks: list[tuple[torch.Tensor, tuple[int, int, int] | None]],
+    ) -> None:
+        """Add one batch and its ``num_draws`` masks to the sums."""
+        B, C = x.shape[:2]
+        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         if self._shape is None:
             self._allocate(tuple(x.shape[1:]), dtype, masks[-1][1])
         sums = self._sums
