@@ -11,7 +11,6 @@ across ``torchrun`` processes. Peak memory does not depend on the number of case
 from __future__ import annotations
 
 import os
-import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -23,6 +22,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 
+from mrissl._progress import ProgressBar
 from mrissl.data.nifti import Case
 from mrissl.diagnostics._floor_pass import SharedFloorPass
 from mrissl.diagnostics.floor import CollapseFloor, CollapseFloorMeter
@@ -138,36 +138,6 @@ class CollapseRun:
     processes: int = 1
 
 
-class _Bar:
-    """One progress bar on stderr over the whole run (tqdm if installed)."""
-
-    def __init__(self, total: int, enabled: bool) -> None:
-        self.bar: Any = None
-        self.enabled, self.total, self.done = enabled, total, 0
-        self.start = time.perf_counter()
-        if enabled:
-            try:
-                from tqdm import tqdm
-            except ImportError:
-                return
-            self.bar = tqdm(total=total, desc="collapse-check", unit="case", file=sys.stderr)
-
-    def update(self) -> None:
-        self.done += 1
-        if self.bar is not None:
-            self.bar.update()
-        elif self.enabled:
-            rate = (time.perf_counter() - self.start) / self.done
-            sys.stderr.write(f"\rcollapse-check: {self.done}/{self.total} cases, {rate:.2f} s/case")
-            sys.stderr.flush()
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-        elif self.enabled and self.done:
-            sys.stderr.write("\n")
-
-
 def _trimmer() -> Callable[[], None]:
     """``malloc_trim(0)`` of glibc, or nothing elsewhere.
 
@@ -253,7 +223,7 @@ def run_collapse_check(
     """
     me, world = rank(), world_size()
     indices = list(range(len(dataset)))[me::world]  # type: ignore[arg-type]
-    bar = _Bar(len(indices), progress and me == 0)
+    bar = ProgressBar(len(indices), "collapse-check", "case", enabled=progress and me == 0)
     skipped: list[tuple[int, Skipped]] = []
     trim = _trimmer()
     start = time.perf_counter()

@@ -25,7 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
-from mrissl.diagnostics.floor import CollapseFloor, CollapseFloorMeter, _check_shape
+from mrissl.diagnostics._floor_common import CollapseFloor
+from mrissl.diagnostics.floor_meter import CollapseFloorMeter, _check_shape
 from mrissl.nn import grid_size
 
 __all__ = ["SharedFloorPass"]
