@@ -75,12 +75,13 @@ def test_many_batches_flush_their_float32_rows_into_float64():
     _assert_same(got, expected)
 
 
-def test_meters_then_hold_the_sums_of_the_shared_pass():
+def test_meters_are_reset_after_their_floor_to_bound_memory():
     volumes, available = _data(n=4)
     meters = _meters()
     _shared(SharedFloorPass(meters), volumes, available, 2)
-    expected = _separately(_meters(), volumes, available)
-    _assert_same([meter.compute() for meter in meters], expected)
+    assert all(meter.num_volumes == 0 for meter in meters)
+    with pytest.raises(ValueError, match="no volumes"):
+        meters[0].compute()
 
 
 def test_constant_per_modality_uses_each_meters_own_update():

@@ -111,13 +111,15 @@ class SharedFloorPass:
     def compute(self) -> list[CollapseFloor]:
         """Every meter's [`CollapseFloor`][mrissl.diagnostics.CollapseFloor], in order.
 
-        The meters receive their sums one at a time, so the shared sums of a meter are freed
-        before the next meter's are written.
+        The pass owns its meters: each receives its sums, computes its floor and is reset
+        before the next one, so that memory holds one meter's sums at a time besides the
+        shared ones. Every process must call this when the meters gather across processes.
         """
         results = []
         for j, meter in enumerate(self.meters):
             self._give(j)
             results.append(meter.compute())
+            meter.reset()
         self._sums, self._common, self._rows = None, {}, torch.empty(0)
         return results
 
@@ -196,15 +198,25 @@ class SharedFloorPass:
         T, P = gd * gh * gw, math.prod(g)
         f64 = torch.float64
         present = torch.ones(B, C, dtype=torch.bool, device=x.device) if avail is None else avail
-        xf = x if avail is None else torch.where(present[:, :, None, None, None], x, 0.0)
+
+        def case(b: int) -> torch.Tensor:  # one case, its missing modalities zero
+            return x[b] if avail is None else torch.where(present[b, :, None, None, None], x[b], 0)
+
         if "shift" not in common:  # as the meters do: the first batch's mean of each voxel
             n_first = present.sum(dim=0).clamp(min=1).to(x.dtype)
-            common["shift"] = xf.sum(dim=0, dtype=x.dtype) / n_first.view(-1, 1, 1, 1)
-        xc = xf - common["shift"]
-        # [centred x | its square], token-major: (C·T, 2B, P), one matrix per token
+            total = torch.zeros(x.shape[1:], dtype=x.dtype, device=x.device)
+            for b in range(B):
+                total += case(b)
+            common["shift"] = total / n_first.view(-1, 1, 1, 1)
+        # [centred x | its square], token-major: (C·T, 2B, P), one matrix per token; written
+        # one case at a time, so that no batch-sized temporary exists besides it
         xx = torch.empty((C * T, 2 * B, P), dtype=x.dtype, device=x.device)
-        as_tokens = xc.view(B, C, gd, g[0], gh, g[1], gw, g[2]).permute(1, 2, 4, 6, 0, 3, 5, 7)
-        xx[:, :B].view(C, gd, gh, gw, B, *g).copy_(as_tokens)
+        centred = xx[:, :B].view(C, gd, gh, gw, B, *g)
+        for b in range(B):
+            xb = case(b)
+            common["x_sum"] += xb
+            xc = (xb - common["shift"]).view(C, gd, g[0], gh, g[1], gw, g[2])
+            centred[:, :, :, :, b].copy_(xc.permute(0, 1, 3, 5, 2, 4, 6))
         torch.mul(xx[:, :B], xx[:, :B], out=xx[:, B:])
         x2_tokens = xx[:, B:].sum(dim=-1).to(f64).view(C, T, B).permute(2, 0, 1)  # (B, C, T)
         # every meter's rows of one product (C·T, rows, 2B) @ (C·T, 2B, P): row e takes
@@ -232,7 +244,6 @@ class SharedFloorPass:
         if self._batches % _FLUSH_EVERY == 0:
             self._flush()
         per_volume = present.sum(dim=0).to(f64)
-        common["x_sum"] += xf.sum(dim=0)
         common["n"] += per_volume
         common["voxels"] += per_volume * math.prod(spatial)
         common["volumes"] += per_volume
