@@ -328,8 +328,8 @@ def _center_crop_fast(
     then the box is mapped through the flips to RAS. Returns ``None`` when the files need a
     resampling or an axis permutation (the caller then runs the MONAI pipeline).
     """
+    from mrissl.data._percentiles import percentile_pair
     from mrissl.data.nifti import read_case_arrays
-    from mrissl.data.preprocessing import percentile_pair
 
     arrays, affine = read_case_arrays(paths)
     linear = affine[:3, :3]
