@@ -53,61 +53,22 @@ def collapsed_loss_floor(
     r"""Monte Carlo estimate of Var(x_m), the loss of a completely collapsed MIM model.
 
     A collapsed model outputs the same prediction ``c`` for every input; the best such
-    prediction is the mean of the masked voxels and its loss is Var(x_m) (E-MIM eqs. 2-3).
-    Which constants the collapsed model may use is a choice:
+    prediction is the mean of the masked voxels and its loss is their variance (E-MIM eq. 3):
+    ``L_MIM ≥ E‖E[x_m] − x_m‖² = Var(x_m)``.
 
-    * ``constant="voxel"`` (default): one constant per voxel position and modality,
-      ``c_{c,v} = E[m_{c,v} x_{c,v}] / E[m_{c,v}]``. On registered data this is the collapse
-      E-MIM Fig. 1a shows (the dataset's mean image); when every voxel is equally likely to be
-      masked and masks do not depend on the image, the floor is the mean over voxels of the
-      per-voxel variance across the dataset. Every volume must then have the same shape.
-    * ``constant="modality"``: one constant per modality, for translation-invariant settings
-      such as random crops (volumes may differ in size).
+    ``constant`` says which constants a collapsed model may use (one per voxel and modality:
+    the dataset's mean image, for registered data; or one per modality, for random crops) and
+    ``on`` over which voxels the loss is averaged. The data are read once whatever
+    ``num_draws``: every volume gets ``num_draws`` masks, the first half fit the constants and
+    each remaining draw gives one held-out loss value; ``floor`` is their mean and
+    ``std_error`` their standard error. The guide derives the estimator and its bias
+    correction, and says which floor fits which setup:
+    [Complete collapse][complete-collapse-the-floor-varx_m].
 
-    and how the loss is averaged:
-
-    * ``on="masked"`` (default): ``Var(x_m) = E[Σ m (x − c)²] / E[Σ m]``, the loss
-      averaged over masked voxels (``((pred - target) ** 2)[mask].mean()``): the floor of a
-      model that ignores its input, scored on the masked voxels or, for masks that hide every
-      voxel equally often, on the whole image (E-MIM eq. 9) alike.
-    * ``on="all"``: the loss averaged over all voxels with unmasked ones contributing
-      0, which is the ``"masked"`` floor times the masked fraction: the eq. 9 loss of a model
-      that copies the visible voxels and outputs the constant at the masked ones.
-
-    For a mask that ignores the image and hides every voxel equally often, the default floor
-    is the same whatever the mask (an identity: the masking probability cancels); it depends
-    on the mask only through ``on="all"``, a masking probability that varies over the
-    voxels, or a mask that depends on the image.
-
-    Estimation reads ``data`` once, whatever ``num_draws``: every volume gets ``num_draws``
-    independent masks, and the sums below are kept per draw
-    ([`CollapseFloorMeter`][mrissl.diagnostics.CollapseFloorMeter] does the bookkeeping).
-
-    1. The first ``num_draws // 2`` draws fit the constants ``ĉ = Σ m x / Σ m`` (a voxel never
-       masked there uses its mean over all volumes).
-    2. Each remaining draw gives one value ``L_r``: the loss of ``ĉ`` on that draw's own,
-       unseen masks, computed at the end from the draw's sums ``Σ m``, ``Σ m x`` and
-       ``Σ m x²``. Held out, ``ĉ`` costs its own variance on top of the floor,
-       ``E[L_r] = Var(x_m) + Var(ĉ)``; with ``debias=True`` an estimate of ``Var(ĉ)`` from the
-       fit draws (sample variance / number of masked values, times the finite-population factor
-       ``(n − s₀)/(n − 1)`` of choosing ``s₀`` masked values among the ``n`` draw × volume pairs)
-       is subtracted, so ``L_r`` is unbiased to first order.
-    3. ``floor`` is the mean of the ``L_r`` and ``std_error`` their standard deviation over
-       ``√(number of evaluation draws)``: a standard error over independent draws, i.e. over the
-       randomness of the masks (and of the loader's augmentations, if any), the dataset being
-       the population.
-
-    Missing modalities: items or batches that are mappings may carry ``"available"``, a
-    ``(C,)`` or ``(B, C)`` bool tensor (True = present). A case then contributes only the
-    modalities it has: they are passed to ``mask_generator`` as ``available=``, and a missing
-    modality is never a target.
-
-    Elementwise work runs in float32 (float64 input stays float64): a batch is summed in that
-    dtype, then every sum is accumulated in float64 on ``device`` (mask counts of
-    ``constant="voxel"`` in float32, exact up to 2²⁴ volumes). Memory does not grow with the
-    number of volumes: with ``constant="voxel"`` it is about ``32 + 12·E`` bytes per voxel of
-    one ``(C, D, H, W)`` volume (``E = num_draws − num_draws // 2`` evaluation draws; ``32 +
-    8·E`` with token masks), plus a few copies of one batch.
+    Missing modalities: mapping items or batches may carry ``"available"``, a ``(C,)`` or
+    ``(B, C)`` bool tensor (True = present); a case then contributes only the modalities it
+    has. Memory does not grow with the number of volumes (about ``32 + 12·E`` bytes per voxel
+    of one volume with ``constant="voxel"``, ``E`` the evaluation draws).
 
     Args:
         data: a float tensor ``(M, C, D, H, W)`` or ``(C, D, H, W)``; a map-style Dataset
