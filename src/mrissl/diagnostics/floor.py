@@ -26,6 +26,7 @@ from mrissl.diagnostics._floor_common import (
     PatchSize,
 )
 from mrissl.diagnostics._floor_data import FloorSource
+from mrissl.diagnostics._floor_pass import SharedFloorPass
 from mrissl.diagnostics.floor_meter import CollapseFloorMeter
 from mrissl.distributed import rank as _rank
 
@@ -151,6 +152,7 @@ def collapsed_loss_floor(
         device=device,
         debias=debias,
     )
+    shared = SharedFloorPass([meter])  # the meter's sums, with batched products over tokens
     source = FloorSource(data, batch_size, key, num_workers, shard=gather_distributed)
     if device is None and isinstance(source.data, torch.Tensor):
         meter.device = source.data.device
@@ -158,8 +160,8 @@ def collapsed_loss_floor(
     bar = ProgressBar(source.length, "collapsed_loss_floor", "batch", enabled=show and _rank() == 0)
     try:
         for volume, available, index in source:
-            meter.update(volume, available=available, index=index)
+            shared.update(volume, available=available, index=index)
             bar.update()
     finally:
         bar.close()
-    return meter.compute()
+    return shared.compute()[0]
