@@ -9,7 +9,9 @@ one subprocess per run) on 8, 32 and 128 cases and measures:
   command itself at exit through ``MRISSL_REPORT_PEAK_RSS``; worker processes not included);
 * wall time per case with 1 worker, against nibabel's decode time of the same files
   (``np.asanyarray(nib.load(path).dataobj)`` for the four files of each case, same run);
-* wall time with 2 workers against 1 worker;
+* wall time with 2 workers against 1 worker, at the two largest counts; and the marginal time
+  per case (the slope between those two counts: start-up, imports and the final arithmetic
+  cancel), against nibabel's decode time per case;
 * time linear in the number of cases: the least-squares slope and intercept of time against
   cases, and the extrapolation to 1,251 cases (BraTS 2021);
 * ``preprocessing(...)`` per case against MONAI's own pipeline with
@@ -234,7 +236,7 @@ def main() -> None:
             f"{one['wall_s'] / n:.3f} s/case ({one['wall_s'] / decode:.2f}× decode), "
             f"peak RSS {one['peak_rss_bytes'] / 2**20:.0f} MiB"
         )
-        if n == counts[min(1, len(counts) - 1)]:
+        if n in counts[-2:]:
             two = run_command(sub, 2, [])
             row["workers_2"] = two
             line += f"; 2 workers {one['wall_s'] / two['wall_s']:.2f}× faster"
@@ -245,6 +247,24 @@ def main() -> None:
     slope, intercept = np.polyfit(xs, ys, 1)
     residual = float(np.abs(np.polyval([slope, intercept], xs) - ys).max())
     peaks = [r["workers_1"]["peak_rss_bytes"] for r in figures["runs"]]
+    decode_per_case = sum(r["decode_s"] for r in figures["runs"]) / xs.sum()
+    both = [r for r in figures["runs"] if "workers_2" in r]
+    if len(both) == 2:  # marginal time per case: the slope between the two largest counts
+        (a, b), n_ab = both, both[1]["cases"] - both[0]["cases"]
+        one_slope = (b["workers_1"]["wall_s"] - a["workers_1"]["wall_s"]) / n_ab
+        two_slope = (b["workers_2"]["wall_s"] - a["workers_2"]["wall_s"]) / n_ab
+        figures["marginal"] = {
+            "workers_1_s_per_case": one_slope,
+            "workers_2_s_per_case": two_slope,
+            "decode_s_per_case": decode_per_case,
+        }
+        print(
+            f"marginal time per case (between {a['cases']} and {b['cases']} cases): 1 worker "
+            f"{one_slope:.3f} s ({one_slope / decode_per_case:.2f}× nibabel decode "
+            f"{decode_per_case:.3f} s), 2 workers {two_slope:.3f} s "
+            f"({one_slope / two_slope:.2f}× faster than 1)",
+            flush=True,
+        )
     figures["fit"] = {
         "slope_s_per_case": slope,
         "intercept_s": intercept,

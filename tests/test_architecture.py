@@ -15,8 +15,8 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src" / "mrissl"
 
 #: package -> the packages it may import (besides itself). The foundation modules (_version,
-#: _settings, _checks, _io, modalities) import no other package but each other.
-FOUNDATION = {"_version", "_settings", "_checks", "_io", "modalities"}
+#: _settings, _checks, _io, _progress, modalities) import no other package but each other.
+FOUNDATION = {"_version", "_settings", "_checks", "_io", "_progress", "modalities"}
 ALLOWED: dict[str, set[str]] = {
     **{name: FOUNDATION for name in FOUNDATION},
     "__init__": FOUNDATION,

@@ -333,7 +333,7 @@ def _direct_floors(root, usable, masks):
     return [
         collapsed_loss_floor(
             items, parse_mask_spec(spec, 4).generator, patch_size=4, num_draws=4, seed=0,
-            batch_size=1,  # the command updates one case at a time
+            batch_size=1,
         ).floor
         for spec in masks
     ]  # fmt: skip
@@ -359,7 +359,8 @@ def test_imperfect_folder_skips_bad_cases_and_uses_incomplete_ones(tmp_path, cap
     usable = [(0, "BraTS-0000"), (1, "BraTS-0001"), (2, "BraTS-0002"), (3, "BraTS-0003")]
     expected = _direct_floors(root, usable, ["random:0.5", "modal"])
     got = [r["floor"] for r in report["results"]]
-    assert got == pytest.approx(expected, rel=1e-9)
+    # the command sums several cases at once in float32: equal to float32 rounding
+    assert got == pytest.approx(expected, rel=1e-6)
 
 
 def test_strict_stops_at_the_first_bad_case(tmp_path, capsys):

@@ -239,7 +239,7 @@ def _collapse_check_run(
                 dataset,
                 meters,
                 workers=workers,
-                batch_size=1,  # one case's temporaries at a time in this process
+                batch_size=_cases_per_update(len(modalities), args.crop),
                 strict=args.strict,
                 progress=not args.quiet,
             )
@@ -290,6 +290,11 @@ def _collapse_check_run(
     else:
         _print_table(report)
     return 0
+
+
+def _cases_per_update(channels: int, crop: int) -> int:
+    """Cases per update of the meters: up to 8, about 256 MiB of crops (bounded memory)."""
+    return max(1, min(8, (256 << 20) // (4 * channels * crop**3)))
 
 
 def _report_peak_rss() -> None:

@@ -503,5 +503,7 @@ def test_token_and_voxel_masks_give_the_same_floor():
         )
         for gen in (RandomSubsetMask(3), TokensThenVoxels(3, 2))
     ]  # fmt: skip
-    assert runs[1].floor == pytest.approx(runs[0].floor, rel=1e-9)
-    torch.testing.assert_close(runs[1].per_modality, runs[0].per_modality, rtol=1e-9, atol=0)
+    # token masks take the batched shared pass, voxel masks the meter's own update: the same
+    # sums, added in another order in float32
+    assert runs[1].floor == pytest.approx(runs[0].floor, rel=1e-6)
+    torch.testing.assert_close(runs[1].per_modality, runs[0].per_modality, rtol=1e-6, atol=0)

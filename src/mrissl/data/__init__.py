@@ -10,6 +10,7 @@ import types
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from mrissl.data._percentiles import Percentiles, percentile_pair
     from mrissl.data.mask_transforms import (
         RandBlockMaskd,
         RandHybridMaskd,
@@ -28,12 +29,7 @@ if TYPE_CHECKING:
         Tissue,
         synthetic_phantom,
     )
-    from mrissl.data.preprocessing import (
-        LoadCased,
-        Percentiles,
-        percentile_pair,
-        preprocessing,
-    )
+    from mrissl.data.preprocessing import LoadCased, preprocessing
     from mrissl.data.template_transforms import TemplateMixd
 
 # Names load their module on first use, so that a process that only lists cases or reads
@@ -49,7 +45,7 @@ _MODULES = {
     "PHANTOM_MODALITIES": "mrissl.data.phantom",
     "PHANTOM_SEQUENCES": "mrissl.data.phantom",
     "PHANTOM_TISSUES": "mrissl.data.phantom",
-    "Percentiles": "mrissl.data.preprocessing",
+    "Percentiles": "mrissl.data._percentiles",
     "PhantomDataset": "mrissl.data.phantom",
     "PulseSequence": "mrissl.data.phantom",
     "RandBlockMaskd": "mrissl.data.mask_transforms",
@@ -60,7 +56,7 @@ _MODULES = {
     "Tissue": "mrissl.data.phantom",
     "find_cases": "mrissl.data.nifti",
     "load_case": "mrissl.data.nifti",
-    "percentile_pair": "mrissl.data.preprocessing",
+    "percentile_pair": "mrissl.data._percentiles",
     "preprocessing": "mrissl.data.preprocessing",
     "synthetic_phantom": "mrissl.data.phantom",
 }

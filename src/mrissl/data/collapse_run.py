@@ -11,7 +11,6 @@ across ``torchrun`` processes. Peak memory does not depend on the number of case
 from __future__ import annotations
 
 import os
-import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -23,7 +22,9 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 
+from mrissl._progress import ProgressBar
 from mrissl.data.nifti import CaseFiles
+from mrissl.diagnostics._floor_pass import SharedFloorPass
 from mrissl.diagnostics.floor import CollapseFloor, CollapseFloorMeter
 from mrissl.distributed import all_reduce_, is_distributed, rank, world_size
 
@@ -138,36 +139,6 @@ class CollapseRun:
     processes: int = 1
 
 
-class _Bar:
-    """One progress bar on stderr over the whole run (tqdm if installed)."""
-
-    def __init__(self, total: int, enabled: bool) -> None:
-        self.bar: Any = None
-        self.enabled, self.total, self.done = enabled, total, 0
-        self.start = time.perf_counter()
-        if enabled:
-            try:
-                from tqdm import tqdm
-            except ImportError:
-                return
-            self.bar = tqdm(total=total, desc="collapse-check", unit="case", file=sys.stderr)
-
-    def update(self) -> None:
-        self.done += 1
-        if self.bar is not None:
-            self.bar.update()
-        elif self.enabled:
-            rate = (time.perf_counter() - self.start) / self.done
-            sys.stderr.write(f"\rcollapse-check: {self.done}/{self.total} cases, {rate:.2f} s/case")
-            sys.stderr.flush()
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-        elif self.enabled and self.done:
-            sys.stderr.write("\n")
-
-
 def _trimmer() -> Callable[[], None]:
     """``malloc_trim(0)`` of glibc, or nothing elsewhere.
 
@@ -222,7 +193,7 @@ def run_collapse_check(
     meters: Sequence[CollapseFloorMeter],
     *,
     workers: int = 0,
-    batch_size: int = 2,
+    batch_size: int = 8,
     strict: bool = False,
     progress: bool = False,
 ) -> CollapseRun:
@@ -239,7 +210,8 @@ def run_collapse_check(
         meters: one per mask, built with ``seed`` (so the result does not depend on the
             workers or processes) and ``gather_distributed=True`` for ``torchrun``.
         workers: loader worker processes; 0 reads in this process.
-        batch_size: cases per update of the meters.
+        batch_size: cases per update of the meters (the cases of one update are held
+            together, with twice their size in working copies).
         strict: raise ``ValueError`` at the first case that cannot be read.
         progress: one progress bar on stderr (on rank 0).
 
@@ -252,39 +224,42 @@ def run_collapse_check(
     """
     me, world = rank(), world_size()
     indices = list(range(len(dataset)))[me::world]  # type: ignore[arg-type]
-    bar = _Bar(len(indices), progress and me == 0)
+    bar = ProgressBar(len(indices), "collapse-check", "case", enabled=progress and me == 0)
     skipped: list[tuple[int, Skipped]] = []
     trim = _trimmer()
     start = time.perf_counter()
     used = 0
+    joint = SharedFloorPass(meters)
+    pending: list[dict[str, Any]] = []
+
+    def feed() -> None:  # the pending cases, as one batch, to every meter
+        x = torch.stack([item["image"] for item in pending])
+        available = None
+        if any("available" in item for item in pending):
+            available = torch.stack(
+                [item.get("available", torch.ones(x.shape[1], dtype=torch.bool))
+                 for item in pending]
+            )  # fmt: skip
+        joint.update(x, available=available, index=[int(item["index"]) for item in pending])
+        pending.clear()
+        del x
+        trim()
+
     try:
-        for batch in _batches(dataset, indices, workers, batch_size):
-            good = []
+        for batch in _batches(dataset, indices, workers, 1):
             for item in batch:
                 if item.get("error"):
                     skipped.append((int(item["index"]), Skipped(str(item["name"]), item["error"])))
-                    if strict:
-                        break
                 else:
-                    good.append(item)
-            if good:
-                x = torch.stack([item["image"] for item in good])
-                available = None
-                if any("available" in item for item in good):
-                    available = torch.stack(
-                        [item.get("available", torch.ones(x.shape[1], dtype=torch.bool))
-                         for item in good]
-                    )  # fmt: skip
-                index = [int(item["index"]) for item in good]
-                for meter in meters:
-                    meter.update(x, available=available, index=index)
-                del x
-                trim()
-            used += len(good)
-            for _ in batch:
+                    pending.append(item)
+                    used += 1
                 bar.update()
             if strict and skipped:
                 break
+            if len(pending) >= batch_size:
+                feed()
+        if pending and not (strict and skipped):
+            feed()
     finally:
         bar.close()
     all_skipped = _gather_skipped(skipped)
@@ -297,7 +272,7 @@ def run_collapse_check(
     if total < 2:
         first = f"; {len(all_skipped)} skipped, first {all_skipped[0]}" if all_skipped else ""
         raise ValueError(f"need at least 2 usable cases to estimate a variance, got {total}{first}")
-    results = [meter.compute() for meter in meters]
+    results = joint.compute()
     per_modality = results[0].per_modality_volumes if results else None
     return CollapseRun(
         results=results,
@@ -354,8 +329,8 @@ def _center_crop_fast(
     then the box is mapped through the flips to RAS. Returns ``None`` when the files need a
     resampling or an axis permutation (the caller then runs the MONAI pipeline).
     """
+    from mrissl.data._percentiles import percentile_pair
     from mrissl.data.nifti import read_case_arrays
-    from mrissl.data.preprocessing import percentile_pair
 
     arrays, affine = read_case_arrays(paths)
     linear = affine[:3, :3]
@@ -365,17 +340,20 @@ def _center_crop_fast(
     flips = [bool(v < 0) for v in diagonal]  # RAS: every voxel axis increasing
     shape = arrays[0].shape[:3]
     bounds = []
-    fg = np.zeros(shape, dtype=bool)
+    hits = [np.zeros(n, dtype=bool) for n in shape]  # per axis: a foreground voxel in the slice
     for raw in arrays:
         a, b = percentile_pair(
             torch.from_numpy(np.ascontiguousarray(raw.ravel(order="K"))), *percentiles
         )
         bounds.append((a, b))
-        fg |= raw > np.float32(a)
+        # a voxel is foreground when above the lower percentile: the box of the union of the
+        # modalities' foregrounds is the hull of their boxes, read from maximum projections
+        plane = raw.max(axis=2)
+        for axis, proj in enumerate((plane.max(axis=1), plane.max(axis=0), raw.max(axis=(0, 1)))):
+            hits[axis] |= proj > np.float32(a)
     box = []  # foreground box per axis, in RAS order of the axis
     for axis in range(3):
-        other = tuple(i for i in range(3) if i != axis)
-        hit = np.flatnonzero(fg.any(axis=other))
+        hit = np.flatnonzero(hits[axis])
         lo, hi = (int(hit[0]), int(hit[-1]) + 1) if hit.size else (0, 0)
         if flips[axis]:
             lo, hi = shape[axis] - hi, shape[axis] - lo
