@@ -19,16 +19,9 @@ This package depends on ``mrissl.nn`` only.
 """
 
 from mrissl.masking._base import MaskGenerator, target_mask
-from mrissl.masking.apply import (
-    CrossModalFill,
-    KeepIndices,
-    apply_mask,
-    cross_modal_fill,
-    keep_indices,
-    mask_to_voxels,
-    voxels_to_mask,
-)
 from mrissl.masking.block import BlockMask
+from mrissl.masking.convert import KeepIndices, keep_indices, mask_to_voxels, voxels_to_mask
+from mrissl.masking.fill import CrossModalFill, apply_mask, cross_modal_fill
 from mrissl.masking.hybrid import HybridMaskPattern, ModalMask, PatchMask, PositionMask
 from mrissl.masking.plot import plot_masks
 from mrissl.masking.random import RandomTokenMask
