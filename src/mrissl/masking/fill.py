@@ -201,7 +201,9 @@ def _patch_square_sums(volume: torch.Tensor, patch: Triple) -> torch.Tensor:
     """
     p0, p1, p2 = patch
     x = volume.float() if volume.dtype == torch.float64 else volume  # norm's dtype= only widens
-    v = rearrange(x, "b c (gd pd) (gh ph) (gw pw) -> b c gd pd gh ph gw pw", pd=p0, ph=p1, pw=p2)
+    v: torch.Tensor = rearrange(
+        x, "b c (gd pd) (gh ph) (gw pw) -> b c gd pd gh ph gw pw", pd=p0, ph=p1, pw=p2
+    )
     return torch.linalg.vector_norm(v, ord=2, dim=(3, 5, 7), dtype=torch.float32).square()
 
 
