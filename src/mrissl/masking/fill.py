@@ -204,7 +204,8 @@ def _patch_square_sums(volume: torch.Tensor, patch: Triple) -> torch.Tensor:
     v: torch.Tensor = rearrange(
         x, "b c (gd pd) (gh ph) (gw pw) -> b c gd pd gh ph gw pw", pd=p0, ph=p1, pw=p2
     )
-    return torch.linalg.vector_norm(v, ord=2, dim=(3, 5, 7), dtype=torch.float32).square()
+    norm: torch.Tensor = torch.linalg.vector_norm(v, ord=2, dim=(3, 5, 7), dtype=torch.float32)
+    return norm.square()
 
 
 def _bitwise_zero_fill(
