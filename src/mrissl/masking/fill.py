@@ -175,13 +175,11 @@ def _visible_stats(
     ``tokens: (B, C or 1, gd, gh, gw)``, True = masked. Returns ``(B, C, 1, 1, 1)`` tensors:
     0 where a modality has no unmasked voxel (and for the std when ``with_std`` is False).
     """
-    p0, p1, p2 = patch
-    per_patch = "b c (gd pd) (gh ph) (gw pw) -> b c gd gh gw"
-    x = volume.float()
+    B, C = volume.shape[:2]
     visible = (~tokens).float()
-    count = reduce(visible.expand(*x.shape[:2], *tokens.shape[2:]), "b c gd gh gw -> b c", "sum")
-    denom = (count * (p0 * p1 * p2)).clamp(min=1)
-    sums = reduce(x, per_patch, "sum", pd=p0, ph=p1, pw=p2)
+    count = reduce(visible.expand(B, C, *tokens.shape[2:]), "b c gd gh gw -> b c", "sum")
+    denom = (count * (patch[0] * patch[1] * patch[2])).clamp(min=1)
+    sums = _patches(volume, patch).sum(dim=(3, 5, 7), dtype=torch.float32)
     mean = reduce(sums * visible, "b c gd gh gw -> b c", "sum") / denom
     if with_std:
         squares = _patch_square_sums(volume, patch)
@@ -192,6 +190,14 @@ def _visible_stats(
     return mean[..., None, None, None], std[..., None, None, None]
 
 
+def _patches(volume: torch.Tensor, patch: Triple) -> torch.Tensor:
+    """The view ``(B, C, gd, p0, gh, p1, gw, p2)`` of a ``(B, C, D, H, W)`` volume."""
+    p0, p1, p2 = patch
+    pattern = "b c (gd pd) (gh ph) (gw pw) -> b c gd pd gh ph gw pw"
+    view: torch.Tensor = rearrange(volume, pattern, pd=p0, ph=p1, pw=p2)
+    return view
+
+
 def _patch_square_sums(volume: torch.Tensor, patch: Triple) -> torch.Tensor:
     """Fast path: the float32 sum of squares of each patch, ``(B, C, gd, gh, gw)``.
 
@@ -199,11 +205,8 @@ def _patch_square_sums(volume: torch.Tensor, patch: Triple) -> torch.Tensor:
     ``reduce(volume.float().square(), "b c (gd pd) (gh ph) (gw pw) -> b c gd gh gw", "sum")``,
     writes and reads a volume-sized temporary. Equal up to float32 rounding.
     """
-    p0, p1, p2 = patch
     x = volume.float() if volume.dtype == torch.float64 else volume  # norm's dtype= only widens
-    v: torch.Tensor = rearrange(
-        x, "b c (gd pd) (gh ph) (gw pw) -> b c gd pd gh ph gw pw", pd=p0, ph=p1, pw=p2
-    )
+    v = _patches(x, patch)
     norm: torch.Tensor = torch.linalg.vector_norm(v, ord=2, dim=(3, 5, 7), dtype=torch.float32)
     return norm.square()
 
