@@ -128,8 +128,8 @@ def _mask_missing(mask: torch.Tensor, available: torch.Tensor | None) -> torch.T
 def target_mask(mask: torch.Tensor, available: torch.Tensor | None = None) -> torch.Tensor:
     """The tokens a reconstruction loss should score: masked **and** present.
 
-    Generators mask a missing modality entirely (it is never offered as input), but there is
-    nothing to reconstruct there, so a loss skips it as a target.
+    ``target = mask ∧ available[:, :, None]``: generators mask a missing modality entirely
+    (it is never offered as input), but there is nothing to reconstruct there.
 
     Args:
         mask: ``(B, C, N)`` bool, True = masked.
