@@ -24,13 +24,14 @@ import sys
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mrissl import _cli_rank, _cli_templates
 from mrissl._cli_args import CLIError
 from mrissl._cli_args import first_line as _first_line
 from mrissl._cli_parser import DEFAULT_MASKS, build_parser
 
+if TYPE_CHECKING:  # imported inside the subcommand at run time (fast --help)
     from mrissl.masking import MaskSpec
 
 __all__ = ["main", "main_entry"]
