@@ -101,3 +101,12 @@ def test_the_checker_sees_lazy_and_package_imports(tmp_path):
         "from mrissl.nn import PatchEmbed3d\n"
     )
     assert _imported_packages(module) == {"masking", "losses", "nn"}
+
+
+MAX_LINES = 600  # issue 14: a module that grows past this holds several concerns
+
+
+@pytest.mark.parametrize("path", sorted(SRC.rglob("*.py")), ids=lambda p: str(p.relative_to(SRC)))
+def test_no_source_file_is_over_600_lines(path: Path) -> None:
+    lines = len(path.read_text(encoding="utf-8").splitlines())
+    assert lines <= MAX_LINES, f"{path.relative_to(SRC)} has {lines} lines; split it by concern"

@@ -60,6 +60,14 @@ def check_tensor(x: Any, name: str, ndim: int | Sequence[int] | None = None) -> 
     return x
 
 
+def check_bool_mask(x: Any, name: str, ndim: int | Sequence[int] | None = None) -> torch.Tensor:
+    """Check that ``x`` is a bool mask tensor (True = masked, DESIGN.md)."""
+    mask = check_tensor(x, name, ndim)
+    if mask.dtype != torch.bool:
+        raise TypeError(f"{name} must be a bool tensor (True = masked), got dtype {mask.dtype}")
+    return mask
+
+
 def check_floating(x: torch.Tensor, name: str) -> torch.Tensor:
     """Check that ``x`` has a floating-point dtype."""
     if not x.is_floating_point():

@@ -14,7 +14,7 @@ from typing import Literal
 import torch
 from einops import rearrange
 
-from mrissl._checks import check_bool, check_choice, check_tensor
+from mrissl._checks import check_bool, check_bool_mask, check_choice, check_tensor
 from mrissl.losses._common import (
     check_features,
     check_same_shape,
@@ -29,9 +29,7 @@ __all__ = ["masked_reconstruction_loss"]
 
 def _check_mask(mask: torch.Tensor, name: str, shapes: dict[str, tuple[int, ...]]) -> str:
     """Return which of ``shapes`` the bool ``mask`` has, or raise naming them all."""
-    check_tensor(mask, name)
-    if mask.dtype != torch.bool:
-        raise TypeError(f"{name} must be a bool tensor (True = masked), got dtype {mask.dtype}")
+    check_bool_mask(mask, name)
     for kind, shape in shapes.items():
         if tuple(mask.shape) == shape:
             return kind

@@ -18,6 +18,7 @@ import torch
 
 from mrissl._checks import (
     check_available,
+    check_bool_mask,
     check_generator,
     check_generator_type,
     check_number,
@@ -112,12 +113,6 @@ def _random_k(
     return _choose_k(_rand((B, C, N), generator, device), k)
 
 
-def _check_bool_mask(mask: torch.Tensor, name: str) -> None:
-    """Masks are bool tensors, True = masked (DESIGN.md)."""
-    if mask.dtype != torch.bool:
-        raise TypeError(f"{name} must be a bool tensor (True = masked), got dtype {mask.dtype}")
-
-
 def _mask_missing(mask: torch.Tensor, available: torch.Tensor | None) -> torch.Tensor:
     """A missing modality is always masked as input (DESIGN.md)."""
     if available is None:
@@ -147,8 +142,7 @@ def target_mask(mask: torch.Tensor, available: torch.Tensor | None = None) -> to
         tensor([[[ True, False],
                  [False, False]]])
     """
-    check_tensor(mask, "mask", ndim=3)
-    _check_bool_mask(mask, "mask")
+    check_bool_mask(mask, "mask", ndim=3)
     if available is None:
         return mask
     check_tensor(available, "available", ndim=2)

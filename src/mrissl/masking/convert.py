@@ -13,9 +13,14 @@ from typing import Literal, NamedTuple
 import torch
 from einops import reduce, repeat
 
-from mrissl._checks import Triple, check_choice, check_number, check_tensor, to_triple
+from mrissl._checks import (
+    Triple,
+    check_bool_mask,
+    check_choice,
+    check_number,
+    to_triple,
+)
 from mrissl._settings import values_checked
-from mrissl.masking._base import _check_bool_mask
 from mrissl.nn import grid_size
 
 __all__ = ["KeepIndices", "keep_indices", "mask_to_voxels", "voxels_to_mask"]
@@ -25,8 +30,7 @@ def _token_mask_5d(
     mask: torch.Tensor, grid: Triple, batch: int | None = None, chans: int | None = None
 ) -> torch.Tensor:
     """``(B, C, N)`` or ``(B, N)`` -> ``(B, C or 1, gd, gh, gw)``, checking the sizes."""
-    check_tensor(mask, "mask", ndim=(2, 3))
-    _check_bool_mask(mask, "mask")
+    check_bool_mask(mask, "mask", ndim=(2, 3))
     m = mask if mask.ndim == 3 else mask[:, None]
     N = grid[0] * grid[1] * grid[2]
     if m.shape[2] != N:
@@ -109,8 +113,7 @@ def voxels_to_mask(
         >>> voxels_to_mask(vox, 2), voxels_to_mask(vox, 2, rule="all")
         (tensor([[[ True, False]]]), tensor([[[False, False]]]))
     """
-    check_tensor(voxel_mask, "voxel_mask", ndim=5)
-    _check_bool_mask(voxel_mask, "voxel_mask")
+    check_bool_mask(voxel_mask, "voxel_mask", ndim=5)
     check_choice(rule, "rule", ("any", "all", "majority"))
     p0, p1, p2 = to_triple(patch_size, "patch_size")
     grid_size(tuple(voxel_mask.shape[2:]), (p0, p1, p2))  # the patch size divides the volume
@@ -179,8 +182,7 @@ def keep_indices(
         >>> keep_indices(ragged, pad=True)
         KeepIndices(keep=tensor([[0, 1], [0, 1]]), restore=tensor([[0, 1, 2], [0, 1, 2]]), padding=tensor([[False,  True], [False, False]]))
     """  # noqa: E501
-    check_tensor(mask, "mask", ndim=(2, 3))
-    _check_bool_mask(mask, "mask")
+    check_bool_mask(mask, "mask", ndim=(2, 3))
     flat = mask.flatten(1)
     L = flat.shape[1]
     if num_kept is not None:  # at most L = C·N of the mask

@@ -20,12 +20,13 @@ from einops import rearrange, reduce, repeat
 from mrissl._checks import (
     Triple,
     check_available,
+    check_bool_mask,
     check_floating,
     check_generator,
     check_tensor,
     to_triple,
 )
-from mrissl.masking._base import _check_bool_mask, _rand
+from mrissl.masking._base import _rand
 from mrissl.masking.convert import _token_mask_5d
 from mrissl.nn import grid_size
 
@@ -275,8 +276,7 @@ def _check_out(out: Any, volume: torch.Tensor, caller: str, fill_grad: bool = Fa
 def _check_inputs(volume: Any, mask: Any, mask_ndim: tuple[int, ...]) -> None:
     check_tensor(volume, "volume", ndim=5)
     check_floating(volume, "volume")
-    check_tensor(mask, "mask", ndim=mask_ndim)
-    _check_bool_mask(mask, "mask")
+    check_bool_mask(mask, "mask", ndim=mask_ndim)
 
 
 # ---- public -------------------------------------------------------------------------------

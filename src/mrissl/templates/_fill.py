@@ -9,6 +9,7 @@ import torch
 
 from mrissl._checks import (
     Triple,
+    check_bool_mask,
     check_choice,
     check_floating,
     check_tensor,
@@ -118,9 +119,7 @@ def _check_ids(ids: Any, batch: int, chans: int, num: int, device: torch.device)
 def _check_volume_mask(volume: Any, voxel_mask: Any) -> tuple[int, int, int, int, int]:
     check_tensor(volume, "volume", ndim=5)
     check_floating(volume, "volume")
-    check_tensor(voxel_mask, "voxel_mask", ndim=5)
-    if voxel_mask.dtype != torch.bool:
-        raise TypeError(f"voxel_mask must be a bool tensor (True = masked), got {voxel_mask.dtype}")
+    check_bool_mask(voxel_mask, "voxel_mask", ndim=5)
     B, C, d, h, w = volume.shape
     vm = voxel_mask.shape
     if vm[0] != B or vm[1] not in (1, C) or tuple(vm[2:]) != (d, h, w):
