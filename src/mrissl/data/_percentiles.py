@@ -92,15 +92,19 @@ def _order_statistics(flat: np.ndarray, kth: list[int]) -> dict[int, float]:
         v_lo = sample[max(0, math.floor(r) - slack)]
         v_hi = sample[min(m - 1, math.ceil(r) + slack)]
         below = int(np.count_nonzero(flat < v_lo))
-        upto = int(np.count_nonzero(flat <= v_hi))
+        if v_lo == v_hi:  # one tied value (a background of zeros): count it, keep nothing
+            inside = None
+            upto = below + int(np.count_nonzero(flat == v_lo))
+        else:
+            inside = flat[(flat >= v_lo) & (flat <= v_hi)]
+            upto = below + inside.size
         if not below <= k < upto:  # the sample missed: exact fallback
             part = np.partition(flat, kth)
             return {k: float(part[k]) for k in kth}
         ks = [j for j in kth if below <= j < upto and j not in out]
-        if v_lo == v_hi:  # one tied value holds every such k (a background of zeros)
+        if inside is None:  # every such k is the tied value
             out.update({j: float(v_lo) for j in ks})
             continue
-        inside = flat[(flat >= v_lo) & (flat <= v_hi)]
         part = np.partition(inside, [j - below for j in ks])
         out.update({j: float(part[j - below]) for j in ks})
     return out
