@@ -26,7 +26,25 @@ Cases (B = 32, C = 4, 96³ float32 volumes, patch 16, BrainMVP blocks 8³; ``--q
 5. ``block+xfill vs clone``: the same against ``volume.clone()``. Target: at most 2x. For
    information, ``block+xfill(out=) vs copy_``: into a reused buffer against
    ``buffer.copy_(x)``.
-6. CUDA only (``--device cuda``): HMP generation plus ``apply_mask`` against one ViT-B/16
+6. Fast paths against the plain path they replace, in the same run (each a private helper of
+   ``mrissl/masking/fill.py`` with a test that it equals the plain path; target: faster, ratio
+   < 1):
+
+   * ``fast: row layout vs voxel mask``: ``apply_mask`` with a token mask (the mask spread
+     along image rows, ``_row_layout``) against the plain path, ``mask_to_voxels`` and the same
+     ``where`` on the voxel mask; constant fill 1.0, both into a reused buffer.
+   * ``fast: row layout vs voxel mask (xfill)``: the same for ``cross_modal_fill`` with a
+     ``BlockMask`` (same seeds, same sources).
+   * ``fast: bitwise zero vs where`` and ``(out=)``: the zero fill as an integer AND
+     (``_bitwise_zero_fill``) against ``torch.where(mask, 0.0, x)`` on the same row layout,
+     into a new tensor and into a reused buffer.
+
+   * ``fast: patch square sums vs square+sum``: the per-patch sums of squares of
+     ``fill="noise"`` as a squared norm (``_patch_square_sums``) against squaring the volume
+     and summing with einops.
+
+   ``--only fast`` runs these alone.
+7. CUDA only (``--device cuda``): HMP generation plus ``apply_mask`` against one ViT-B/16
    forward and backward pass (timm ``VisionTransformer`` with ``PatchEmbed3d``, depth 12,
    width 768, 12 heads, bf16 autocast) on the same batch. Target: under 2 % (ratio <= 0.02).
 
@@ -37,6 +55,7 @@ Run from the repository root::
     python benchmarks/bench_masking.py --device cpu
     python benchmarks/bench_masking.py --quick
     python benchmarks/bench_masking.py --device cuda --json masking.json
+    OMP_NUM_THREADS=1 python benchmarks/bench_masking.py --device cpu --only fast
 """
 
 from __future__ import annotations
@@ -46,6 +65,7 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
+from einops import reduce
 
 from _harness import Case, compare, make_parser, parse_args
 from mrissl.masking import (
@@ -55,6 +75,8 @@ from mrissl.masking import (
     cross_modal_fill,
     mask_to_voxels,
 )
+from mrissl.masking.convert import _token_mask_5d
+from mrissl.masking.fill import _bitwise_zero_fill, _patch_square_sums, _row_layout
 
 CHANS = 4
 
@@ -210,7 +232,84 @@ def vit_b16_step(x: torch.Tensor) -> Callable[[], None]:
     return step
 
 
-def cases(quick: bool, device: torch.device) -> Iterator[Case]:
+def fast_path_cases(
+    x: torch.Tensor, patch: int, r: int, g: torch.Generator, buffers: tuple[torch.Tensor, ...]
+) -> Iterator[Case]:
+    """Each fast path of ``mrissl.masking.fill`` against the plain path it replaces."""
+    ours_buffer, plain_buffer = buffers
+    size = tuple(x.shape[2:])
+    mask = HybridMaskPattern()(x, patch, generator=g)
+    vox = lambda: mask_to_voxels(mask, patch, size)  # noqa: E731
+    yield Case(
+        name="fast: row layout vs voxel mask",
+        ours=lambda: apply_mask(x, mask, patch, 1.0, out=ours_buffer),
+        baseline=lambda: apply_mask(x, vox(), fill=1.0, out=plain_buffer),
+        description="apply_mask(token mask) vs mask_to_voxels + apply_mask(voxel mask), fill 1.0",
+        target_time=1.0,
+        target_memory=None,
+    )
+    block = BlockMask(r)(x, generator=g)
+    bvox = lambda: mask_to_voxels(block, r, size)  # noqa: E731
+    seeded = lambda: torch.Generator(x.device).manual_seed(0)  # noqa: E731
+    yield Case(
+        name="fast: row layout vs voxel mask (xfill)",
+        ours=lambda: cross_modal_fill(x, block, r, generator=seeded(), out=ours_buffer),
+        baseline=lambda: cross_modal_fill(x, bvox(), generator=seeded(), out=plain_buffer),
+        description="cross_modal_fill(block mask) vs mask_to_voxels + cross_modal_fill(voxels)",
+        target_time=1.0,
+        target_memory=None,
+    )
+    grid = (size[0] // patch, size[1] // patch, size[2] // patch)
+    rows, view = _row_layout(_token_mask_5d(mask, grid), (patch,) * 3, tuple(x.shape))
+    xv, zero = x.view(view), torch.zeros((), dtype=x.dtype, device=x.device)
+    same = [
+        (apply_mask(x, mask, patch, 1.0), apply_mask(x, vox(), fill=1.0)),
+        (
+            cross_modal_fill(x, block, r, generator=seeded()).volume,
+            cross_modal_fill(x, bvox(), generator=seeded()).volume,
+        ),
+        (_bitwise_zero_fill(xv, rows, None), torch.where(rows, zero, xv)),
+    ]
+    pattern = "b c (gd pd) (gh ph) (gw pw) -> b c gd gh gw"
+    squares = lambda: reduce(x.float().square(), pattern, "sum", pd=patch, ph=patch, pw=patch)  # noqa: E731
+    if not (
+        all(torch.equal(fast, plain) for fast, plain in same)
+        and torch.allclose(_patch_square_sums(x, (patch,) * 3), squares(), rtol=1e-4)
+    ):
+        raise RuntimeError("a fast path of mrissl.masking.fill differs from its plain path")
+    yield Case(
+        name="fast: bitwise zero vs where",
+        ours=lambda: _bitwise_zero_fill(xv, rows, None),
+        baseline=lambda: torch.where(rows, zero, xv),
+        description="zero fill into a new tensor, same row layout: integer AND vs where",
+        target_time=1.0,
+        target_memory=None,
+    )
+    yield Case(
+        name="fast: bitwise zero vs where (out=)",
+        ours=lambda: _bitwise_zero_fill(xv, rows, ours_buffer),
+        baseline=lambda: torch.where(rows, zero, xv, out=plain_buffer.view(view)),
+        description="the same into a reused buffer",
+        target_time=1.0,
+        target_memory=None,
+    )
+    yield Case(
+        name="fast: patch square sums vs square+sum",
+        ours=lambda: _patch_square_sums(x, (patch,) * 3),
+        baseline=squares,
+        description="float32 sum of squares per patch (fill='noise'): squared norm vs einops",
+        target_time=1.0,
+        target_memory=None,
+    )
+
+
+def cases(quick: bool, device: torch.device, only: str | None = None) -> Iterator[Case]:
+    for case in _all_cases(quick, device):
+        if only is None or only in case.name:
+            yield case
+
+
+def _all_cases(quick: bool, device: torch.device) -> Iterator[Case]:
     B, size, patch, r = (2, 32, 8, 4) if quick else (32, 96, 16, 8)
     g = torch.Generator(device).manual_seed(0)
     x = torch.rand(B, CHANS, size, size, size, generator=g, device=device)
@@ -300,6 +399,7 @@ def cases(quick: bool, device: torch.device) -> Iterator[Case]:
         target_time=None,
         target_memory=None,
     )
+    yield from fast_path_cases(x, patch, r, g, (ours_buffer, loop_buffer))
     if device.type == "cuda":
         yield Case(
             name="hmp+apply vs ViT-B fwd+bwd",
@@ -313,9 +413,10 @@ def cases(quick: bool, device: torch.device) -> Iterator[Case]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = make_parser(__doc__)
+    parser.add_argument("--only", metavar="TEXT", help="run the cases whose name contains TEXT")
     args = parse_args(parser, argv)
     compare(
-        cases(args.quick, args.device),
+        cases(args.quick, args.device, args.only),
         args.device,
         warmup=args.warmup,
         repeats=args.repeats,

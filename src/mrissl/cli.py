@@ -23,104 +23,18 @@ import os
 import sys
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mrissl import _cli_rank, _cli_templates
 from mrissl._cli_args import CLIError
 from mrissl._cli_args import first_line as _first_line
 from mrissl._cli_parser import DEFAULT_MASKS, build_parser
 
-__all__ = ["MaskSpec", "main", "main_entry", "parse_mask_spec"]
+if TYPE_CHECKING:  # imported inside the subcommand at run time (fast --help)
+    from mrissl.masking import MaskSpec
 
-
-@dataclass(frozen=True)
-class MaskSpec:
-    """A parsed ``--mask`` argument: its text, the generator and the patch size it needs."""
-
-    text: str
-    generator: Any
-    patch_size: int | None
-
-
-def _ratio(text: str, spec: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise CLIError(f"--mask {spec!r}: {text!r} is not a number") from None
-    if not 0.0 <= value < 1.0:
-        raise CLIError(f"--mask {spec!r}: the ratio must be in [0, 1), got {value}")
-    return value
-
-
-def _count(text: str, spec: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise CLIError(f"--mask {spec!r}: expected a positive whole number, got {text!r}")
-    return int(text)
-
-
-def parse_mask_spec(spec: str, patch_size: int) -> MaskSpec:
-    """Turn a ``--mask`` specification into a mask generator (see ``--help``).
-
-    Args:
-        spec: for example ``"random:0.75"``, ``"hmp"``, ``"hmp:1,0.5,-"`` or ``"block:0.875"``.
-        patch_size: the token patch size used by every generator but ``block``.
-
-    Returns:
-        The [`MaskSpec`][mrissl.cli.MaskSpec].
-
-    Raises:
-        CLIError: naming the specification and what is wrong with it.
-
-    Examples:
-        >>> parse_mask_spec("random:0.75", 16).generator
-        RandomTokenMask(mask_ratio=0.75, shared_across_modalities=True)
-        >>> parse_mask_spec("block:0.875:8", 16).patch_size is None
-        True
-    """
-    from mrissl import masking
-
-    kind, _, arg = spec.strip().partition(":")
-    kind = kind.lower()
-    if kind == "random" or kind == "random-each":
-        if not arg:
-            raise CLIError(f"--mask {spec!r}: give the ratio, as in random:0.75")
-        gen: Any = masking.RandomTokenMask(
-            _ratio(arg, spec), shared_across_modalities=kind == "random"
-        )
-        return MaskSpec(spec, gen, patch_size)
-    if kind == "hmp":
-        if not arg:
-            return MaskSpec(spec, masking.HybridMaskPattern(), patch_size)
-        parts = arg.split(",")
-        if len(parts) != 3:
-            raise CLIError(f"--mask {spec!r}: hmp takes three values M,P,Q ('-' for off)")
-        modal = None if parts[0] == "-" else _count(parts[0], spec)
-        position = None if parts[1] == "-" else _ratio(parts[1], spec)
-        patch = None if parts[2] == "-" else _ratio(parts[2], spec)
-        try:
-            gen = masking.HybridMaskPattern(modal=modal, position=position, patch=patch)
-        except ValueError as err:
-            raise CLIError(f"--mask {spec!r}: {err}") from None
-        return MaskSpec(spec, gen, patch_size)
-    if kind == "modal":
-        return MaskSpec(spec, masking.ModalMask(_count(arg, spec) if arg else 1), patch_size)
-    if kind == "position":
-        return MaskSpec(spec, masking.PositionMask(_ratio(arg, spec)), patch_size)
-    if kind == "patch":
-        return MaskSpec(spec, masking.PatchMask(_ratio(arg, spec)), patch_size)
-    if kind == "block":
-        ratio_text, _, size_text = arg.partition(":")
-        if not ratio_text:
-            raise CLIError(f"--mask {spec!r}: give the ratio, as in block:0.875")
-        size = _count(size_text, spec) if size_text else 8
-        gen = masking.BlockMask(block_size=size, mask_ratio=_ratio(ratio_text, spec))
-        return MaskSpec(spec, gen, None)
-    raise CLIError(
-        f"--mask {spec!r}: unknown kind {kind!r}; expected random, random-each, hmp, modal, "
-        f"position, patch or block (see mrissl collapse-check --help)"
-    )
+__all__ = ["main", "main_entry"]
 
 
 # --------------------------------------------------------------------------- collapse-check
@@ -183,6 +97,17 @@ def _verdict(floor: float, std_error: float, reference: float, num_draws: int = 
     return "ok"
 
 
+def _mask_specs(texts: Sequence[str], patch_size: int) -> list[MaskSpec]:
+    """The ``--mask`` arguments parsed; a bad one is a user error naming ``--mask``."""
+    from mrissl.masking import parse_mask_spec
+
+    try:
+        return [parse_mask_spec(text, patch_size) for text in texts]
+    except ValueError as err:  # "spec '<text>': <reason>"
+        detail = str(err).removeprefix("spec ")
+        raise CLIError(f"--mask {detail} (see mrissl collapse-check --help)") from None
+
+
 def _collapse_check(args: argparse.Namespace) -> int:
     from mrissl.modalities import canonical_modalities
 
@@ -190,7 +115,7 @@ def _collapse_check(args: argparse.Namespace) -> int:
         modalities = list(canonical_modalities(args.modalities))
     except ValueError as err:
         raise CLIError(f"--modalities: {err}") from None
-    specs = [parse_mask_spec(s, args.patch_size) for s in (args.mask or DEFAULT_MASKS)]
+    specs = _mask_specs(args.mask or DEFAULT_MASKS, args.patch_size)
     if args.reference_loss <= 0:
         raise CLIError(f"--reference-loss must be positive, got {args.reference_loss}")
     workers = _default_workers() if args.workers is None else args.workers

@@ -35,7 +35,7 @@ from mrissl.masking import (
     apply_mask,
     cross_modal_fill,
 )
-from mrissl.masking.apply import Fill
+from mrissl.masking.fill import Fill
 
 __all__ = ["RandBlockMaskd", "RandHybridMaskd", "RandMaskd", "RandTokenMaskd"]
 

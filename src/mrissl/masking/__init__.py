@@ -13,25 +13,20 @@ DESIGN.md (``C`` modalities × ``N`` positions in raster order):
 make the masked input; [`mask_to_voxels`][mrissl.masking.mask_to_voxels],
 [`voxels_to_mask`][mrissl.masking.voxels_to_mask] and
 [`keep_indices`][mrissl.masking.keep_indices] convert masks;
-[`plot_masks`][mrissl.masking.plot_masks] draws them (needs the ``plot`` extra).
+[`plot_masks`][mrissl.masking.plot_masks] draws them (needs the ``plot`` extra);
+[`parse_mask_spec`][mrissl.masking.parse_mask_spec] builds a generator from one line of text.
 
 This package depends on ``mrissl.nn`` only.
 """
 
 from mrissl.masking._base import MaskGenerator, target_mask
-from mrissl.masking.apply import (
-    CrossModalFill,
-    KeepIndices,
-    apply_mask,
-    cross_modal_fill,
-    keep_indices,
-    mask_to_voxels,
-    voxels_to_mask,
-)
 from mrissl.masking.block import BlockMask
+from mrissl.masking.convert import KeepIndices, keep_indices, mask_to_voxels, voxels_to_mask
+from mrissl.masking.fill import CrossModalFill, apply_mask, cross_modal_fill
 from mrissl.masking.hybrid import HybridMaskPattern, ModalMask, PatchMask, PositionMask
 from mrissl.masking.plot import plot_masks
 from mrissl.masking.random import RandomTokenMask
+from mrissl.masking.spec import MaskSpec, parse_mask_spec
 
 __all__ = [
     "BlockMask",
@@ -39,6 +34,7 @@ __all__ = [
     "HybridMaskPattern",
     "KeepIndices",
     "MaskGenerator",
+    "MaskSpec",
     "ModalMask",
     "PatchMask",
     "PositionMask",
@@ -47,6 +43,7 @@ __all__ = [
     "cross_modal_fill",
     "keep_indices",
     "mask_to_voxels",
+    "parse_mask_spec",
     "plot_masks",
     "target_mask",
     "voxels_to_mask",

@@ -112,6 +112,12 @@ def _random_k(
     return _choose_k(_rand((B, C, N), generator, device), k)
 
 
+def _check_bool_mask(mask: torch.Tensor, name: str) -> None:
+    """Masks are bool tensors, True = masked (DESIGN.md)."""
+    if mask.dtype != torch.bool:
+        raise TypeError(f"{name} must be a bool tensor (True = masked), got dtype {mask.dtype}")
+
+
 def _mask_missing(mask: torch.Tensor, available: torch.Tensor | None) -> torch.Tensor:
     """A missing modality is always masked as input (DESIGN.md)."""
     if available is None:
@@ -122,8 +128,8 @@ def _mask_missing(mask: torch.Tensor, available: torch.Tensor | None) -> torch.T
 def target_mask(mask: torch.Tensor, available: torch.Tensor | None = None) -> torch.Tensor:
     """The tokens a reconstruction loss should score: masked **and** present.
 
-    Generators mask a missing modality entirely (it is never offered as input), but there is
-    nothing to reconstruct there, so a loss skips it as a target.
+    ``target = mask ∧ available[:, :, None]``: generators mask a missing modality entirely
+    (it is never offered as input), but there is nothing to reconstruct there.
 
     Args:
         mask: ``(B, C, N)`` bool, True = masked.
@@ -142,8 +148,7 @@ def target_mask(mask: torch.Tensor, available: torch.Tensor | None = None) -> to
                  [False, False]]])
     """
     check_tensor(mask, "mask", ndim=3)
-    if mask.dtype != torch.bool:
-        raise TypeError(f"mask must be a bool tensor, got dtype {mask.dtype}")
+    _check_bool_mask(mask, "mask")
     if available is None:
         return mask
     check_tensor(available, "available", ndim=2)

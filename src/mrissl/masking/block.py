@@ -43,15 +43,11 @@ __all__ = ["BlockMask"]
 class BlockMask(MaskGenerator):
     """BrainMVP masking: exactly ``floor(N · mask_ratio)`` of the ``N`` aligned r³ blocks.
 
-    The tokens of this generator are the blocks, so its token grid is the volume's grid for
-    ``patch_size = block_size``, and ``generator(volume)`` needs no patch size. This is the
-    behaviour of the released BrainMVP code: a non-overlapping grid, an exact count, the whole
-    crop counted (background included). The paper's values are the defaults (r = 8,
-    p* = 0.875); the released training script passes 0.8.
-
-    Every modality of a sample draws its own blocks by default, as BrainMVP masks each
-    single-modality input separately; ``shared_across_modalities=True`` draws one set per
-    sample. A missing modality is masked entirely.
+    The tokens of this generator are the blocks (``generator(volume)`` needs no patch size),
+    as in the released BrainMVP code: an aligned grid, an exact count, the whole crop
+    counted. The defaults are the paper's (r = 8, p* = 0.875). Every modality of a sample
+    draws its own blocks unless ``shared_across_modalities``; a missing modality is masked
+    entirely. See [the masking guide](../masking.md#brainmvp-block-masking).
 
     Args:
         block_size: ``r``, the block edge in voxels, or ``(r0, r1, r2)``.
@@ -118,24 +114,13 @@ class BlockMask(MaskGenerator):
     ) -> torch.Tensor:
         """The paper's variant (BrainMVP Algorithm 1): random r³ cubes, as a voxel mask.
 
-        Cubes of edge ``r`` are centred on uniformly drawn voxels (a cube reaching past the
-        border is clipped; for even ``r`` a cube spans ``x - r/2 … x + r/2 - 1``) and added
-        one after the other until the loop of Algorithm 1 stops:
-
-        * ``until="covered"`` (the reading of the text and of our REFERENCES): stop at the
-          first cube after which at least ``p* · D·H·W`` voxels are masked;
-        * ``until="counted"`` (the literal pseudo-code, ``p_mask ← p_mask ⊕ r³``): stop after
-          ``ceil(p* · D·H·W / r³)`` cubes, overlaps counted twice, so fewer voxels end up
-          masked (about ``1 - exp(-p*)`` of them, 58 % for p* = 0.875).
-
-        The result is that of the sequential loop, computed without one: a batch of
-        centres in drawing order is laid out on the grid, a min-filter over the cube
-        footprint gives each voxel the index of the first cube covering it, and a k-th
-        smallest value gives the stopping cube. The number of centres is fixed (twice the
-        expected number the target needs, clipping at the border included), so nothing is
-        read on the host and the shapes do not depend on the draw. Should they not reach the
-        target (not seen in 10⁴ draws), the value checks (``mrissl.checks("values")``) draw
-        more; without them a ``torch._assert_async`` stops the step.
+        Cubes of edge ``r`` at uniformly drawn centres (clipped at the border) are added one
+        after the other until at least ``p* · D·H·W`` voxels are masked
+        (``until="covered"``), or until ``ceil(p* · D·H·W / r³)`` cubes are drawn
+        (``until="counted"``, the literal pseudo-code: overlaps counted twice). The result
+        is the sequential loop's, computed without a loop or a host read; how, and what
+        happens in the rare case that the fixed number of centres falls short, is in
+        [the masking guide](../masking.md#brainmvp-block-masking).
 
         Args:
             batch_size: ``B``.

@@ -42,22 +42,12 @@ _NEVER = 2.0  # a score above every uniform draw: the entry ranks last and is ne
 class ModalMask(MaskGenerator):
     """Mask whole modalities (E-MIM HMP step 1, "Modal Mask").
 
-    Two ways to say how many:
-
-    * ``num_masked=k`` (default 1, E-MIM's "randomly masks one modal"): exactly ``k``
-      modalities per sample, chosen uniformly among the candidates;
-    * ``probability=p``: each candidate modality is masked independently with probability
-      ``p``.
-
-    ``candidates`` restricts which modalities may be chosen (for example never the one a
-    downstream task cannot do without); ``None`` allows all.
-
-    **At least one present modality is always kept**, so the encoder never sees an empty
-    input. With ``available``, missing modalities are masked anyway and are never counted as
-    kept; per sample the count is therefore ``min(k, eligible, present - 1)``, where
-    ``eligible`` is the number of present candidates. A sample with a single present modality
-    gets no modal mask at all. With ``probability``, a draw that would hide every present
-    modality keeps one of them, chosen uniformly.
+    Per sample, ``min(k, eligible, present - 1)`` modalities are masked, chosen uniformly
+    among the present ``candidates`` (``k = num_masked``, default 1: "randomly masks one
+    modal"); with ``probability=p`` each eligible modality is masked independently with
+    probability ``p``. At least one present modality is always kept, so a case with a single
+    present modality gets no modal mask. See
+    [the masking guide](../masking.md#step-1-modal-mask).
 
     Args:
         num_masked: modalities to mask per sample (ignored when ``probability`` is given).
@@ -274,22 +264,15 @@ def _expected_hidden(ratio: float, V: int, positions: int) -> float:
 class PatchMask(MaskGenerator):
     """Complementary masking across modalities (E-MIM HMP step 3, "Patch Mask").
 
-    At every position, some of the visible modalities are hidden and the others kept: the
-    step **never hides every modality of a position**, so a hidden patch always has another
-    modality at the same place to be reconstructed from. With ``r = mask_ratio`` and ``V``
-    visible modalities at a position, it hides ``k`` of them, chosen uniformly, where
+    With ``r = mask_ratio`` and ``V`` visible modalities at a position, ``k`` of them are
+    hidden, chosen uniformly:
 
-    ``k = floor(r · V)`` or ``floor(r · V) + 1``, capped at ``V - 1``;
+    ``k = floor(r · V) + e``, capped at ``V - 1``,
 
-    the ``+ 1`` goes to ``round(frac(r · V) · N')`` of the sample's ``N'`` positions, chosen
-    uniformly. So every visible patch is hidden with probability ``r`` (up to that rounding,
-    while the cap does not bind, ``r <= (V - 1) / V``) and the number of hidden patches per
-    sample is fixed, which keeps token-dropping batches rectangular
-    (see [`keep_indices`][mrissl.masking.keep_indices]). With ``C = 4`` and ``r = 0.5``
-    exactly two modalities are hidden at every position; with three visible, one or two.
-
-    Missing modalities are not visible (they are masked anyway) and a position with a single
-    visible modality is left alone; so a sample with one present modality gets no patch mask.
+    where ``e = 1`` at ``round(frac(r · V) · N')`` of the sample's ``N'`` positions, chosen
+    uniformly, else 0. So no position loses every modality, each visible patch is hidden with
+    probability about ``r``, and the count per sample is fixed. Missing modalities are not
+    visible. See [the masking guide](../masking.md#step-3-patch-mask).
 
     Args:
         mask_ratio: fraction of the visible modalities of a position to hide, in ``[0, 1)``.
@@ -374,60 +357,16 @@ class PatchMask(MaskGenerator):
 class HybridMaskPattern(MaskGenerator):
     """E-MIM's hybrid mask pattern: modal, position and patch masks in that order.
 
-    Each step is given as a configured step object, as a number (shorthand for the step's
-    constructor), or ``None`` to switch it off, so every row of E-MIM's Table III ablation
-    is one constructor call; [`table_iii_row`][mrissl.masking.HybridMaskPattern.table_iii_row]
-    builds them:
-
-    | Table III row | call | masked (C = 4) |
-    | --- | --- | --- |
-    | modal | `HybridMaskPattern(position=None, patch=None)` | 0.25 |
-    | position (MAE) | `HybridMaskPattern(modal=None, position=0.75, patch=None)` | 0.75 |
-    | patch | `HybridMaskPattern(modal=None, position=None)` | 0.5 |
-    | modal + position | `HybridMaskPattern(patch=None)` | 0.625 |
-    | modal + patch | `HybridMaskPattern(position=None)` | 0.625 |
-    | position + patch | `HybridMaskPattern(modal=None)` | 0.75 |
-    | modal + position + patch (HMP) | `HybridMaskPattern()` | 0.8125 |
-
-    The position-only row has exactly the numbers of the MAE baseline of Tables I and II, so
-    the paper's MAE *is* that row: random positions hidden in every modality at once (MAE on
-    stacked tokens). The paper does not state its ratio; MAE's own (He et al.) is 75 %, which
-    the row uses. The row with no step ticked matches no other row of Tables I-II (it is
-    neither MAE nor training from scratch) and the paper does not say what it trains, so it
-    has no call here; a ``HybridMaskPattern`` with every step off is rejected.
-
-    How the steps compose, for one sample:
-
-    1. modal: ``ModalMask`` chooses whole modalities among the present ones (at least one
-       present modality stays);
-    2. position: ``PositionMask`` chooses ``floor(N · r_pos)`` of all ``N`` positions and masks
-       them in every modality;
-    3. patch: at each position *not* chosen in step 2, ``PatchMask`` hides some of the
-       modalities still visible after step 1 and keeps at least one.
-
-    Missing modalities are masked throughout and never counted as visible. A sample with one
-    present modality gets only the position step.
-
-    **Defaults, and why.** The paper says "randomly masks one modal" and fixes nothing else.
-
-    * ``modal=1``: one modality, as the paper says.
-    * ``position=0.5``: half the positions. With ``C = 4`` steps 1 and 2 then hide
-      ``1/4 + 1/2 · 3/4 = 62.5 %`` of the tokens, leaving visible positions for step 3 to
-      split across modalities (at 75 %, MAE's ratio, step 3 would act on a quarter of them).
-    * ``patch=0.5``: hide half of the visible modalities of each remaining position, the
-      most even complementary split (every hidden patch has as many visible partners as
-      possible on average, and every modality is equally likely to be the hidden one).
-
-    For ``C = 4`` and ``N = 216`` the realised ratio is exactly ``0.25 + 0.375 + 0.5 ·
-    1.5/4 = 0.8125`` in every sample; for ``C = 2`` it is ``0.75`` and for ``C = 3``
-    ``0.8333``
-    ([`expected_mask_ratio`][mrissl.masking.HybridMaskPattern.expected_mask_ratio] computes
-    it for any configuration). What HMP changes is the task (hidden patches are rebuilt from
-    the other modalities at the same place), not the complete-collapse floor as mrissl
-    defines it: with one constant per voxel and the loss over the masked voxels, every mask
-    that ignores the image and hides each voxel equally often has the same floor, whatever
-    its masked fraction (an identity; see the collapse-check guide for when the floor does
-    depend on the mask, and how E-MIM's Fig. 2 can then be read).
+    ``mask = modal[:, :, None] | position[:, None, :] | patch(¬modal ∧ ¬position ∧ present)``
+    (E-MIM section III-A, Fig. 3): step 2 draws among all ``N`` positions, and step 3 hides
+    some of the modalities that steps 1 and 2 left visible, keeping at least one. A missing
+    modality is masked throughout. Each step is given as a configured step object, as its
+    number (shorthand for the step's constructor) or ``None`` (off), so each row of E-MIM's
+    Table III is one call
+    ([`table_iii_row`][mrissl.masking.HybridMaskPattern.table_iii_row]). The defaults mask
+    0.8125 of the tokens for ``C = 4``; why these defaults, the ablation table, and what the
+    masked fraction does not change are in
+    [the masking guide](../masking.md#defaults-and-the-realised-ratio).
 
     Args:
         modal: a [`ModalMask`][mrissl.masking.ModalMask], an int (``ModalMask(num_masked=k)``)
@@ -446,15 +385,10 @@ class HybridMaskPattern(MaskGenerator):
         >>> g = torch.Generator().manual_seed(0)
         >>> hmp = HybridMaskPattern()
         >>> mask = hmp.sample(8, 4, (6, 6, 6), generator=g)  # (B, C, N)
-        >>> mask.shape, hmp.expected_mask_ratio(4, 216)
-        (torch.Size([8, 4, 216]), 0.8125)
         >>> mask.sum(dim=(1, 2)).tolist()  # 0.8125 · 4 · 216 = 702 in every sample
         [702, 702, 702, 702, 702, 702, 702, 702]
-        >>> bool(mask.all(dim=2).any(dim=1).all())  # a whole modality per sample (step 1)
-        True
-        >>> rows = HybridMaskPattern(modal=None), HybridMaskPattern(position=0.25, patch=None)
-        >>> [r.steps for r in rows]
-        [('position', 'patch'), ('modal', 'position')]
+        >>> HybridMaskPattern(modal=None, position=0.25).steps
+        ('position', 'patch')
     """
 
     def __init__(
@@ -525,11 +459,9 @@ class HybridMaskPattern(MaskGenerator):
     def expected_mask_ratio(self, num_modalities: int, num_tokens: int) -> float:
         """Expected fraction of masked tokens with all modalities present.
 
-        With ``m`` modalities masked by step 1, ``P = floor(N · r_pos)`` positions by step 2
-        and ``K`` patches by step 3 over the ``N - P`` remaining positions with ``V = C - m``
-        visible modalities each, the number of masked tokens is ``m·N + P·(C - m) + K``,
-        averaged over the distribution of ``m`` and divided by ``C·N``. Step 3 gives a fixed
-        ``K`` for given ``m``, so with ``ModalMask(num_masked=...)`` the ratio is exact.
+        ``E[m·N + P·(C - m) + K] / (C·N)``: ``m`` modalities masked by step 1,
+        ``P = floor(N · r_pos)`` positions by step 2, ``K`` patches by step 3 (fixed for a
+        given ``m``, so exact with ``ModalMask(num_masked=...)``).
 
         Examples:
             >>> HybridMaskPattern().expected_mask_ratio(4, 216)

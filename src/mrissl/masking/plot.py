@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from mrissl._checks import check_tensor
-from mrissl.masking.apply import mask_to_voxels
+from mrissl.masking.convert import mask_to_voxels
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

@@ -19,16 +19,10 @@ class RandomTokenMask(MaskGenerator):
     """Random token masking as in MAE: exactly ``floor(N · mask_ratio)`` tokens masked.
 
     With ``shared_across_modalities=True`` (the default) one set of positions is drawn per
-    sample and masked in every modality, which is MAE on a channel-stacked encoder (the E-MIM
-    authors' baseline: all modalities in one token). With ``False`` each modality of each
-    sample draws its own positions, still exactly ``floor(N · mask_ratio)`` of them.
-
-    MAE keeps ``int(N · (1 - mask_ratio))`` tokens, which is the same count whenever
-    ``N · mask_ratio`` is an integer (216 tokens at 0.75); here the masked count is
-    ``floor(N · mask_ratio)``, the convention of every generator in this package.
-
-    A missing modality (``available[b, c]`` False) is masked at every position on top of the
-    drawn positions.
+    sample and masked in every modality: MAE on a channel-stacked encoder, the E-MIM
+    authors' baseline. With ``False`` each modality of each sample draws its own positions.
+    A missing modality is masked at every position. See
+    [the masking guide](../masking.md#mae-random-token-masking).
 
     Args:
         mask_ratio: fraction of tokens to mask, in ``[0, 1)``.
@@ -36,6 +30,7 @@ class RandomTokenMask(MaskGenerator):
 
     Raises:
         ValueError: if ``mask_ratio`` is outside ``[0, 1)``.
+        TypeError: for a ``mask_ratio`` that is not a number or a flag that is not a bool.
 
     Examples:
         >>> g = torch.Generator().manual_seed(0)

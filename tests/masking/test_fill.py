@@ -1,10 +1,11 @@
-"""mask_to_voxels, voxels_to_mask, keep_indices, apply_mask and cross_modal_fill."""
+"""apply_mask and cross_modal_fill (mrissl.masking.fill), and its fast paths."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
+from einops import reduce
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -13,102 +14,20 @@ from mrissl.masking import (
     HybridMaskPattern,
     apply_mask,
     cross_modal_fill,
-    keep_indices,
     mask_to_voxels,
-    voxels_to_mask,
 )
-from mrissl.nn import gather_tokens, scatter_tokens
+from mrissl.masking.convert import _token_mask_5d
+from mrissl.masking.fill import _bitwise_zero_fill, _patch_square_sums, _row_layout
 
 
 def reference_voxels(mask, patch, size):
-    """Loop over every voxel: its token is (z // p0, y // p1, x // p2) in raster order."""
+    """Each token repeated over its patch with NumPy (raster order, depth slowest)."""
     B, C, _ = mask.shape
-    D, H, W = size
-    gh, gw = H // patch[1], W // patch[2]
-    out = np.zeros((B, C, D, H, W), dtype=bool)
-    for z in range(D):
-        for y in range(H):
-            for x in range(W):
-                n = (z // patch[0]) * gh * gw + (y // patch[1]) * gw + x // patch[2]
-                out[:, :, z, y, x] = mask[:, :, n]
+    grid = [s // p for s, p in zip(size, patch, strict=True)]
+    out = mask.reshape(B, C, *grid)
+    for axis, p in zip((2, 3, 4), patch, strict=True):
+        out = out.repeat(p, axis=axis)
     return out
-
-
-def test_mask_to_voxels_matches_a_voxel_loop():
-    patch, size = (2, 3, 4), (4, 6, 8)
-    mask = torch.rand(2, 3, 8) < 0.5
-    got = mask_to_voxels(mask, patch, size)
-    assert np.array_equal(got.numpy(), reference_voxels(mask.numpy(), patch, size))
-
-
-def test_per_position_mask_gives_one_voxel_channel():
-    mask = torch.tensor([[True, False]])
-    assert mask_to_voxels(mask, 2, (2, 2, 4)).shape == (1, 1, 2, 2, 4)
-
-
-@settings(max_examples=20, deadline=None)
-@given(st.integers(1, 3), st.integers(1, 3), st.sampled_from(["any", "all", "majority"]))
-def test_voxels_to_mask_inverts_mask_to_voxels(B, C, rule):
-    mask = torch.rand(B, C, 2 * 3 * 1) < 0.5
-    voxels = mask_to_voxels(mask, (2, 2, 4), (4, 6, 4))
-    assert torch.equal(voxels_to_mask(voxels, (2, 2, 4), rule=rule), mask)
-
-
-def test_voxels_to_mask_rules():
-    vox = torch.zeros(1, 1, 2, 2, 2, dtype=torch.bool)
-    vox[0, 0, 0] = True  # 4 of 8 voxels
-    assert voxels_to_mask(vox, 2).item()
-    assert not voxels_to_mask(vox, 2, rule="all").item()
-    assert not voxels_to_mask(vox, 2, rule="majority").item()
-    vox[0, 0, 1, 0, 0] = True  # 5 of 8
-    assert voxels_to_mask(vox, 2, rule="majority").item()
-    with pytest.raises(ValueError, match="rule"):
-        voxels_to_mask(vox, 2, rule="most")
-
-
-# --- keep_indices ---------------------------------------------------------------------------
-
-
-def test_keep_indices_follow_the_per_modality_token_order():
-    mask = HybridMaskPattern().sample(3, 4, 27, generator=torch.Generator().manual_seed(0))
-    keep, restore, padding = keep_indices(mask)
-    flat = mask.flatten(1)  # token c·N + n
-    for b in range(3):
-        assert keep[b].tolist() == [i for i in range(4 * 27) if not flat[b, i]]
-    assert not padding.any()
-    tokens = torch.randn(3, 4 * 27, 5)
-    kept = gather_tokens(tokens, keep)
-    assert not gather_tokens(flat[..., None], keep).any()
-    # MAE's ids_restore: [kept, masked] gathered with restore is the original order
-    masked_part = gather_tokens(tokens, torch.argsort(flat.to(torch.uint8), dim=1, stable=True))
-    assert torch.equal(gather_tokens(masked_part, restore), tokens)
-    full = scatter_tokens(kept, keep, 4 * 27, fill=0.0)
-    assert torch.equal(full[~flat], tokens[~flat])
-
-
-def test_keep_indices_refuses_ragged_counts_without_padding():
-    mask = torch.tensor([[True, False, False], [True, True, False]])
-    with pytest.raises(ValueError, match="pad=True"):
-        keep_indices(mask)
-    keep, restore, padding = keep_indices(mask, pad=True)
-    assert keep.tolist() == [[1, 2], [2, 0]]
-    assert padding.tolist() == [[False, False], [False, True]]
-    assert restore.tolist() == [[2, 0, 1], [1, 2, 0]]
-
-
-@settings(max_examples=30, deadline=None)
-@given(st.integers(1, 4), st.integers(1, 20), st.data())
-def test_padded_keep_indices_hold_every_kept_token_once(B, L, data):
-    rows = data.draw(
-        st.lists(st.lists(st.booleans(), min_size=L, max_size=L), min_size=B, max_size=B)
-    )
-    mask = torch.tensor(rows, dtype=torch.bool)
-    keep, restore, padding = keep_indices(mask, pad=True)
-    for b in range(B):
-        real = keep[b][~padding[b]].tolist()
-        assert real == [i for i in range(L) if not rows[b][i]]
-        assert all(rows[b][i] for i in keep[b][padding[b]].tolist())
-    assert torch.equal(torch.argsort(restore, dim=1)[:, : keep.shape[1]], keep)
 
 
 # --- apply_mask ---------------------------------------------------------------------------------
@@ -422,3 +341,68 @@ def test_cross_modal_fill_out_matches_the_fresh_result(kind, device):
         cross_modal_fill(x, mask, patch, out=x)
     with pytest.raises(ValueError, match="autograd"):
         cross_modal_fill(x.clone().requires_grad_(True), mask, patch, out=buffer)
+
+
+# --- fast paths: each equals the plain path it replaces ----------------------------------------
+
+
+@pytest.mark.parametrize("patch", [(1, 1, 1), (2, 2, 2), (1, 2, 4), (4, 4, 1)])
+@pytest.mark.parametrize("per_position", [False, True])
+def test_row_layout_spreads_to_the_voxel_mask(patch, per_position):
+    B, C, size = 2, 3, (4, 4, 8)
+    grid = tuple(s // p for s, p in zip(size, patch, strict=True))
+    N = grid[0] * grid[1] * grid[2]
+    mask = torch.rand(B, 1 if per_position else C, N, generator=torch.Generator().manual_seed(0))
+    mask = mask < 0.5
+    tokens = _token_mask_5d(mask[:, 0] if per_position else mask, grid)
+    rows, view = _row_layout(tokens, patch, (B, C, *size))
+    assert rows.numel() * patch[0] * patch[1] == mask.shape[1] * B * size[0] * size[1] * size[2]
+    spread = torch.broadcast_to(rows, view).reshape(B, C, *size)
+    want = np.broadcast_to(reference_voxels(mask.numpy(), patch, size), (B, C, *size))
+    assert np.array_equal(spread.numpy(), want)
+
+
+@pytest.mark.parametrize("fill", [0.0, -1.5, "mean", "noise", "tensor"])
+def test_token_mask_gives_the_voxel_mask_result(batch, fill):
+    # the row layout of a token mask against the plain path: its voxel mask
+    x, mask, vox = batch
+    value = torch.randn(1, 3, 8, 8, 16) if fill == "tensor" else fill
+    fast = apply_mask(x, mask, 4, value, generator=torch.Generator().manual_seed(0))
+    plain = apply_mask(x, vox, fill=value, generator=torch.Generator().manual_seed(0))
+    if isinstance(fill, str):  # statistics summed per patch or per voxel: float rounding
+        assert torch.allclose(fast, plain, atol=1e-6)
+    else:
+        assert torch.equal(fast, plain)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+def test_bitwise_zero_fill_equals_where_bit_for_bit(dtype):
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 3, 4, 2, 8, generator=g).to(dtype)
+    x.view(-1)[::5] = float("nan")
+    x.view(-1)[::7] = float("-inf")
+    x.view(-1)[::9] = -0.0
+    mask = torch.rand(2, 3, 4, 1, 8, generator=g) < 0.5  # broadcasts over one axis
+    want = torch.where(mask, torch.zeros((), dtype=dtype), x).view(torch.uint8)
+    assert torch.equal(_bitwise_zero_fill(x, mask, None).view(torch.uint8), want)
+    buffer = torch.full_like(x, 7.0)
+    assert _bitwise_zero_fill(x, mask, buffer) is buffer
+    assert torch.equal(buffer.view(torch.uint8), want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_patch_square_sums_equal_the_plain_sum_of_squares(dtype):
+    x = torch.randn(2, 3, 4, 8, 8, generator=torch.Generator().manual_seed(3)).to(dtype)
+    plain = reduce(
+        x.float().square(), "b c (gd pd) (gh ph) (gw pw) -> b c gd gh gw", "sum", pd=2, ph=4, pw=2
+    )
+    fast = _patch_square_sums(x, (2, 4, 2))
+    assert fast.dtype == torch.float32
+    assert torch.allclose(fast, plain, rtol=1e-5)
+
+
+def test_noise_fill_works_on_float64_volumes(batch):
+    x, mask, vox = batch
+    out = apply_mask(x.double(), mask, 4, fill="noise", generator=torch.Generator().manual_seed(0))
+    assert out.dtype == torch.float64
+    assert torch.equal(out[~vox], x.double()[~vox])
