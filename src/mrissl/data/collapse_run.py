@@ -382,10 +382,13 @@ def _center_crop_fast(
     flip_dims = [axis for axis in range(3) if flips[axis]]
     target = tuple(slice(d0, d1) for d0, d1 in dst)
     for c, (raw, (a, b)) in enumerate(zip(arrays, bounds, strict=True)):
-        part = torch.from_numpy(np.ascontiguousarray(raw[tuple(raw_index)])).to(torch.float32)
+        part = torch.from_numpy(raw[tuple(raw_index)])  # a view of the file's array
         if flip_dims:
             part = part.flip(flip_dims)
+        # (x - a) / (b - a) in float32, clipped to [0, 1], written into the crop in place;
         # MONAI's rule when both percentiles agree: shift only, no clip
-        part = part - a if b - a == 0.0 else ((part - a) / (b - a)).clamp(0.0, 1.0)
-        out[c][target] = part
+        dest = out[c][target]
+        torch.sub(part, a, out=dest)  # int16 - float: computed in float32
+        if b - a != 0.0:
+            dest.div_(b - a).clamp_(0.0, 1.0)
     return out

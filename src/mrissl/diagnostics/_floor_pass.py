@@ -212,11 +212,15 @@ class SharedFloorPass:
         # one case at a time, so that no batch-sized temporary exists besides it
         xx = torch.empty((C * T, 2 * B, P), dtype=x.dtype, device=x.device)
         centred = xx[:, :B].view(C, gd, gh, gw, B, *g)
+
+        def token_major(t: torch.Tensor) -> torch.Tensor:  # (C, D, H, W) viewed (C, T.., P..)
+            return t.view(C, gd, g[0], gh, g[1], gw, g[2]).permute(0, 1, 3, 5, 2, 4, 6)
+
+        shift = token_major(common["shift"])
         for b in range(B):
             xb = case(b)
             common["x_sum"] += xb
-            xc = (xb - common["shift"]).view(C, gd, g[0], gh, g[1], gw, g[2])
-            centred[:, :, :, :, b].copy_(xc.permute(0, 1, 3, 5, 2, 4, 6))
+            torch.sub(token_major(xb), shift, out=centred[:, :, :, :, b])
         torch.mul(xx[:, :B], xx[:, :B], out=xx[:, B:])
         x2_tokens = xx[:, B:].sum(dim=-1).to(f64).view(C, T, B).permute(2, 0, 1)  # (B, C, T)
         # every meter's rows of one product (C·T, rows, 2B) @ (C·T, 2B, P): row e takes
