@@ -237,8 +237,14 @@ def run_collapse_check(
     joint = SharedFloorPass(meters)
     pending: list[dict[str, Any]] = []
 
+    stacked: list[torch.Tensor] = []  # the batch buffer, reused while its shape fits
+
     def feed() -> None:  # the pending cases, as one batch, to every meter
-        x = torch.stack([item["image"] for item in pending])
+        images = [item["image"] for item in pending]
+        shape = (len(images), *images[0].shape)
+        if not stacked or stacked[0].shape != shape or stacked[0].dtype != images[0].dtype:
+            stacked[:] = [torch.empty(shape, dtype=images[0].dtype)]
+        x = torch.stack(images, out=stacked[0])
         available = None
         if any("available" in item for item in pending):
             available = torch.stack(

@@ -85,6 +85,7 @@ class SharedFloorPass:
         self._common: dict[str, torch.Tensor] = {}
         self._rows = torch.empty(0)
         self._batches = 0
+        self._buffers: dict[str, torch.Tensor] = {}  # per-batch work space, kept between batches
         self.num_volumes = 0
 
     def update(
@@ -121,6 +122,7 @@ class SharedFloorPass:
             results.append(meter.compute())
             meter.reset()
         self._sums, self._common, self._rows = None, {}, torch.empty(0)
+        self._buffers = {}
         return results
 
     def _hand_over(self) -> None:
@@ -210,7 +212,7 @@ class SharedFloorPass:
             common["shift"] = total / n_first.view(-1, 1, 1, 1)
         # [centred x | its square], token-major: (C·T, 2B, P), one matrix per token; written
         # one case at a time, so that no batch-sized temporary exists besides it
-        xx = torch.empty((C * T, 2 * B, P), dtype=x.dtype, device=x.device)
+        xx = self._buffer("xx", (C * T, 2 * B, P), x)
         centred = xx[:, :B].view(C, gd, gh, gw, B, *g)
 
         def token_major(t: torch.Tensor) -> torch.Tensor:  # (C, D, H, W) viewed (C, T.., P..)
@@ -225,7 +227,7 @@ class SharedFloorPass:
         x2_tokens = xx[:, B:].sum(dim=-1).to(f64).view(C, T, B).permute(2, 0, 1)  # (B, C, T)
         # every meter's rows of one product (C·T, rows, 2B) @ (C·T, 2B, P): row e takes
         # Σ_b m_e x for an evaluation draw, then Σ_b k x² and Σ_b k x for the fit draws' counts
-        weights = torch.zeros((C * T, self._rows.shape[1], 2 * B), dtype=x.dtype, device=x.device)
+        weights = self._buffer("weights", (C * T, self._rows.shape[1], 2 * B), x).zero_()
         for sums, drawn in zip(self._sums or [], masks, strict=True):
             if sums is None:
                 continue
@@ -252,6 +254,22 @@ class SharedFloorPass:
         common["voxels"] += per_volume * math.prod(spatial)
         common["volumes"] += per_volume
         self.num_volumes += B
+
+    def _buffer(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        """A work buffer of this shape, reused from the previous batch when it fits.
+
+        Reusing it spares the allocator and the kernel a few hundred MB of fresh pages per
+        batch (a large allocation is otherwise mapped, faulted in and zeroed every time).
+        """
+        buf = self._buffers.get(name)
+        if (
+            buf is None
+            or buf.shape != shape
+            or buf.dtype != like.dtype
+            or buf.device != like.device
+        ):
+            buf = self._buffers[name] = torch.empty(shape, dtype=like.dtype, device=like.device)
+        return buf
 
     def _give(self, j: int) -> None:
         """Write meter ``j``'s sums into it, in its own layout, and free them here."""
