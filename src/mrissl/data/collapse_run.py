@@ -283,6 +283,7 @@ def run_collapse_check(
     if total < 2:
         first = f"; {len(all_skipped)} skipped, first {all_skipped[0]}" if all_skipped else ""
         raise ValueError(f"need at least 2 usable cases to estimate a variance, got {total}{first}")
+    stacked.clear()
     results = joint.compute()
     per_modality = results[0].per_modality_volumes if results else None
     return CollapseRun(

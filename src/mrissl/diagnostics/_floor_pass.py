@@ -116,13 +116,13 @@ class SharedFloorPass:
         before the next one, so that memory holds one meter's sums at a time besides the
         shared ones. Every process must call this when the meters gather across processes.
         """
+        self._buffers = {}  # the work space is not needed any more: free it first
         results = []
         for j, meter in enumerate(self.meters):
             self._give(j)
             results.append(meter.compute())
             meter.reset()
         self._sums, self._common, self._rows = None, {}, torch.empty(0)
-        self._buffers = {}
         return results
 
     def _hand_over(self) -> None:
