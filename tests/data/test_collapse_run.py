@@ -49,3 +49,23 @@ def test_fast_path_declines_resampling(tmp_path):
     item = CaseCrops([CaseFiles("s2", paths)], ["t1", "flair"], 8)[0]
     reference = preprocessing(load=True, crop="center", roi_size=8)({"image": paths})["image"]
     torch.testing.assert_close(item["image"], reference.as_tensor(), rtol=0, atol=0)
+
+
+def test_fast_centre_crop_uses_the_union_of_the_modalities_foregrounds(tmp_path):
+    # t1's head sits low on every axis, flair's high: the box is the hull of both
+    rng = np.random.default_rng(5)
+    affine = np.diag([-1.0, -1.0, 1.0, 1.0])
+    paths = {}
+    for name, box in (
+        ("t1", ((2, 20), (4, 15), (1, 12))),
+        ("flair", ((10, 37), (12, 33), (9, 28))),
+    ):
+        data = np.zeros((40, 36, 30), dtype=np.int16)
+        region = tuple(slice(lo, hi) for lo, hi in box)
+        data[region] = rng.integers(30, 900, tuple(hi - lo for lo, hi in box))
+        paths[name] = tmp_path / f"u_{name}.nii.gz"
+        nib.save(nib.Nifti1Image(data, affine), paths[name])
+    fast = _center_crop_fast(paths, 24)
+    assert fast is not None
+    reference = preprocessing(load=True, crop="center", roi_size=24)({"image": paths})["image"]
+    assert float((fast - reference.as_tensor()).abs().max()) == 0.0

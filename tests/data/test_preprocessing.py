@@ -219,7 +219,7 @@ def test_errors_inside_the_pipeline_name_the_file_not_the_transform(tmp_path, vo
     assert "applying transform" not in str(info.value)
 
 
-@pytest.mark.parametrize("kind", ["uniform", "zeros", "integers", "strided"])
+@pytest.mark.parametrize("kind", ["uniform", "zeros", "integers", "strided", "brats"])
 def test_percentile_pair_on_large_volumes_equals_numpy(kind):
     rng = np.random.default_rng(1)
     n = 300_007  # above the size where a sample brackets the order statistics
@@ -228,9 +228,12 @@ def test_percentile_pair_on_large_volumes_equals_numpy(kind):
         values[: n * 3 // 4] = 0.0  # a background of ties
     elif kind == "integers":
         values = rng.integers(0, 40, n).astype(np.float32)
+    elif kind == "brats":  # int16 head in a background of zeros, spatially smooth
+        values = np.zeros(n, np.float32)
+        values[n // 3 :] = np.sort(rng.normal(500.0, 120.0, n - n // 3)).round()
     elif kind == "strided":  # the strided sample sees only zeros: the bracket must fail safely
         values = np.ones(n, np.float32) * rng.random(n).astype(np.float32)
         values[:: n // 65536] = 0.0
-    for q in ((1.0, 99.0), (5.0, 95.0), (0.0, 100.0)):
+    for q in ((1.0, 99.0), (5.0, 95.0), (0.0, 100.0), (0.5, 99.5)):
         got = percentile_pair(torch.from_numpy(values), *q)
         np.testing.assert_allclose(got, np.percentile(values.astype(np.float64), q), rtol=1e-7)

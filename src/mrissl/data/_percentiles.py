@@ -72,7 +72,8 @@ _SAMPLE = 1 << 16
 def _order_statistics(flat: np.ndarray, kth: list[int]) -> dict[int, float]:
     """The ``k``-th smallest values of ``flat`` (0-based) for each ``k`` in ``kth``: exact.
 
-    A sorted strided sample of about 65,536 values brackets each ``k``; two counts check the
+    A sorted strided sample of about 65,536 values brackets each ``k`` (eight standard
+    deviations of a sample quantile's rank on each side); two counts check the
     bracket ``[v_lo, v_hi]`` (fewer than ``k + 1`` values below ``v_lo``, more than ``k`` up to
     ``v_hi``) and only the values inside it are partitioned. A bracket that fails falls back to
     ``numpy.partition`` of everything, so the result never depends on the sample.
@@ -83,24 +84,34 @@ def _order_statistics(flat: np.ndarray, kth: list[int]) -> dict[int, float]:
         return {k: float(part[k]) for k in kth}
     sample = np.sort(flat[:: n // _SAMPLE])
     m = sample.size
-    slack = int(6 * math.sqrt(m)) + 2  # ranks of sampling error allowed around each k
+    masks = np.empty((2, n), dtype=bool)  # work space of the comparisons, reused
     out: dict[int, float] = {}
     for k in kth:
         if k in out:
             continue
         r = k / (n - 1) * (m - 1)
+        # ranks of sampling error allowed around k: eight standard deviations of the rank of
+        # a sample quantile (binomial), plus a margin for a strided sample's structure
+        q = min(max(r / max(m - 1, 1), 0.0), 1.0)
+        slack = int(8 * math.sqrt(m * q * (1 - q))) + 32
         v_lo = sample[max(0, math.floor(r) - slack)]
         v_hi = sample[min(m - 1, math.ceil(r) + slack)]
-        below = int(np.count_nonzero(flat < v_lo))
-        upto = int(np.count_nonzero(flat <= v_hi))
+        below = int(np.count_nonzero(np.less(flat, v_lo, out=masks[0])))
+        if v_lo == v_hi:  # one tied value (a background of zeros): count it, keep nothing
+            inside = None
+            upto = below + int(np.count_nonzero(np.equal(flat, v_lo, out=masks[0])))
+        else:
+            np.greater_equal(flat, v_lo, out=masks[0])
+            np.less_equal(flat, v_hi, out=masks[1])
+            inside = flat[np.logical_and(masks[0], masks[1], out=masks[0])]
+            upto = below + inside.size
         if not below <= k < upto:  # the sample missed: exact fallback
             part = np.partition(flat, kth)
             return {k: float(part[k]) for k in kth}
         ks = [j for j in kth if below <= j < upto and j not in out]
-        if v_lo == v_hi:  # one tied value holds every such k (a background of zeros)
+        if inside is None:  # every such k is the tied value
             out.update({j: float(v_lo) for j in ks})
             continue
-        inside = flat[(flat >= v_lo) & (flat <= v_hi)]
         part = np.partition(inside, [j - below for j in ks])
         out.update({j: float(part[j - below]) for j in ks})
     return out

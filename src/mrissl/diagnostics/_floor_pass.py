@@ -85,6 +85,7 @@ class SharedFloorPass:
         self._common: dict[str, torch.Tensor] = {}
         self._rows = torch.empty(0)
         self._batches = 0
+        self._buffers: dict[str, torch.Tensor] = {}  # per-batch work space, kept between batches
         self.num_volumes = 0
 
     def update(
@@ -115,6 +116,7 @@ class SharedFloorPass:
         before the next one, so that memory holds one meter's sums at a time besides the
         shared ones. Every process must call this when the meters gather across processes.
         """
+        self._buffers = {}  # the work space is not needed any more: free it first
         results = []
         for j, meter in enumerate(self.meters):
             self._give(j)
@@ -210,18 +212,22 @@ class SharedFloorPass:
             common["shift"] = total / n_first.view(-1, 1, 1, 1)
         # [centred x | its square], token-major: (C·T, 2B, P), one matrix per token; written
         # one case at a time, so that no batch-sized temporary exists besides it
-        xx = torch.empty((C * T, 2 * B, P), dtype=x.dtype, device=x.device)
+        xx = self._buffer("xx", (C * T, 2 * B, P), x)
         centred = xx[:, :B].view(C, gd, gh, gw, B, *g)
+
+        def token_major(t: torch.Tensor) -> torch.Tensor:  # (C, D, H, W) viewed (C, T.., P..)
+            return t.view(C, gd, g[0], gh, g[1], gw, g[2]).permute(0, 1, 3, 5, 2, 4, 6)
+
+        shift = token_major(common["shift"])
         for b in range(B):
             xb = case(b)
             common["x_sum"] += xb
-            xc = (xb - common["shift"]).view(C, gd, g[0], gh, g[1], gw, g[2])
-            centred[:, :, :, :, b].copy_(xc.permute(0, 1, 3, 5, 2, 4, 6))
+            torch.sub(token_major(xb), shift, out=centred[:, :, :, :, b])
         torch.mul(xx[:, :B], xx[:, :B], out=xx[:, B:])
         x2_tokens = xx[:, B:].sum(dim=-1).to(f64).view(C, T, B).permute(2, 0, 1)  # (B, C, T)
         # every meter's rows of one product (C·T, rows, 2B) @ (C·T, 2B, P): row e takes
         # Σ_b m_e x for an evaluation draw, then Σ_b k x² and Σ_b k x for the fit draws' counts
-        weights = torch.zeros((C * T, self._rows.shape[1], 2 * B), dtype=x.dtype, device=x.device)
+        weights = self._buffer("weights", (C * T, self._rows.shape[1], 2 * B), x).zero_()
         for sums, drawn in zip(self._sums or [], masks, strict=True):
             if sums is None:
                 continue
@@ -248,6 +254,22 @@ class SharedFloorPass:
         common["voxels"] += per_volume * math.prod(spatial)
         common["volumes"] += per_volume
         self.num_volumes += B
+
+    def _buffer(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        """A work buffer of this shape, reused from the previous batch when it fits.
+
+        Reusing it spares the allocator and the kernel a few hundred MB of fresh pages per
+        batch (a large allocation is otherwise mapped, faulted in and zeroed every time).
+        """
+        buf = self._buffers.get(name)
+        if (
+            buf is None
+            or buf.shape != shape
+            or buf.dtype != like.dtype
+            or buf.device != like.device
+        ):
+            buf = self._buffers[name] = torch.empty(shape, dtype=like.dtype, device=like.device)
+        return buf
 
     def _give(self, j: int) -> None:
         """Write meter ``j``'s sums into it, in its own layout, and free them here."""
