@@ -40,6 +40,7 @@ PACKAGES = [
     "mrissl.masking",
     "mrissl.templates",
     "mrissl.data",
+    "mrissl.data.collapse_run",
 ]
 #: need their frameworks (optional extras); inspected where those import
 INTEGRATIONS = [

@@ -139,11 +139,11 @@ def _collapse_check_run(
     from mrissl.distributed import rank
 
     if args.folder is None or args.demo:
-        dataset: Any = PhantomCrops(args.phantom_cases, args.crop, modalities)
+        dataset: Any = PhantomCrops(args.phantom_cases, crop=args.crop, modalities=modalities)
         source = f"{args.phantom_cases} synthetic phantom cases ({args.crop}³)"
     else:
         cases, folder = _find_folder_cases(args, modalities)
-        dataset = CaseCrops(cases, modalities, args.crop)
+        dataset = CaseCrops(cases, modalities=modalities, crop=args.crop)
         source = f"{len(cases)} cases from {folder}"
     meters = [
         CollapseFloorMeter(

@@ -46,7 +46,7 @@ def test_fast_path_declines_resampling(tmp_path):
     paths = _case(tmp_path, (20, 20, 20), np.diag([2.0, 1.0, 1.0, 1.0]), np.int16, 2,
                   ((2, 18), (2, 18), (2, 18)))  # fmt: skip
     assert _center_crop_fast(paths, 8) is None
-    item = CaseCrops([CaseFiles("s2", paths)], ["t1", "flair"], 8)[0]
+    item = CaseCrops([CaseFiles("s2", paths)], modalities=["t1", "flair"], crop=8)[0]
     reference = preprocessing(load=True, crop="center", roi_size=8)({"image": paths})["image"]
     torch.testing.assert_close(item["image"], reference.as_tensor(), rtol=0, atol=0)
 

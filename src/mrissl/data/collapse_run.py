@@ -14,8 +14,7 @@ import os
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -31,9 +30,13 @@ from mrissl.distributed import all_reduce_, is_distributed, rank, world_size
 __all__ = ["CaseCrops", "CollapseRun", "PhantomCrops", "Skipped", "run_collapse_check"]
 
 
-@dataclass(frozen=True)
-class Skipped:
-    """A case that could not be used: its name and a one-line reason naming the file."""
+class Skipped(NamedTuple):
+    """A case that could not be used.
+
+    Attributes:
+        name: the case's name.
+        reason: one line naming the file and what is wrong with it.
+    """
 
     name: str
     reason: str
@@ -73,7 +76,7 @@ class CaseCrops(Dataset[dict[str, Any]]):
         >>> vol = nib.Nifti1Image(np.random.default_rng(0).random((8, 8, 8), np.float32), np.eye(4))
         >>> nib.save(vol, root / "sub1_t1.nii.gz")
         >>> case = CaseFiles("sub1", {"t1": root / "sub1_t1.nii.gz"})
-        >>> item = CaseCrops([case], ["t1", "t2"], 8)[0]
+        >>> item = CaseCrops([case], modalities=["t1", "t2"], crop=8)[0]
         >>> item["image"].shape, item["available"].tolist(), item["error"]
         (torch.Size([2, 8, 8, 8]), [True, False], None)
     """
@@ -81,6 +84,7 @@ class CaseCrops(Dataset[dict[str, Any]]):
     def __init__(
         self,
         cases: Sequence[CaseFiles],
+        *,
         modalities: Sequence[str],
         crop: int,
         pipeline: Callable[[dict[str, Any]], Any] | None = None,
@@ -132,16 +136,24 @@ class CaseCrops(Dataset[dict[str, Any]]):
         return {"image": out, "available": available, "index": i, "name": case.name, "error": None}
 
 
-@dataclass
-class CollapseRun:
-    """What [`run_collapse_check`][mrissl.data.collapse_run.run_collapse_check] found."""
+class CollapseRun(NamedTuple):
+    """What [`run_collapse_check`][mrissl.data.collapse_run.run_collapse_check] found.
+
+    Attributes:
+        results: one [`CollapseFloor`][mrissl.diagnostics.CollapseFloor] per meter, in order.
+        cases: the usable cases (over all processes).
+        skipped: the cases that could not be used, in dataset order.
+        per_modality_cases: how many usable cases had each modality.
+        seconds: the wall time of the pass and the arithmetic.
+        processes: the ``torch.distributed`` processes that shared the cases.
+    """
 
     results: list[CollapseFloor]
     cases: int
-    skipped: list[Skipped] = field(default_factory=list)
-    per_modality_cases: list[int] = field(default_factory=list)
-    seconds: float = 0.0
-    processes: int = 1
+    skipped: list[Skipped]
+    per_modality_cases: list[int]
+    seconds: float
+    processes: int
 
 
 def _trimmer() -> Callable[[], None]:
@@ -314,11 +326,11 @@ class PhantomCrops(Dataset[dict[str, Any]]):
         modalities: channel order.
 
     Examples:
-        >>> PhantomCrops(2, 16, ["t1", "t2"])[1]["image"].shape
+        >>> PhantomCrops(2, crop=16, modalities=["t1", "t2"])[1]["image"].shape
         torch.Size([2, 16, 16, 16])
     """
 
-    def __init__(self, n: int, crop: int, modalities: Sequence[str]) -> None:
+    def __init__(self, n: int, *, crop: int, modalities: Sequence[str]) -> None:
         from mrissl.data.phantom import PhantomDataset
 
         self.data = PhantomDataset(n, shape=crop, modalities=modalities, generator=0)
