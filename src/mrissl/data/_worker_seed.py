@@ -36,6 +36,13 @@ class WorkerSeeded(Randomizable):
 
     #: the worker seed the current state belongs to (``None``: the main process's state)
     _state_worker_seed: int | None = None
+    #: the seed of this call's ``torch.Generator``, drawn by ``randomize``
+    _seed: int = 0
+
+    def randomize(self, data: Any = None) -> None:
+        """Draw the seed of this call's ``torch.Generator`` from MONAI's ``RandomState``."""
+        self._sync_worker_state()
+        self._seed = int(self.R.randint(0, 2**31 - 1))
 
     def set_random_state(
         self, seed: int | None = None, state: np.random.RandomState | None = None

@@ -92,12 +92,6 @@ class RandMaskd(WorkerSeeded, MapTransform):
         self.masked_postfix = masked_postfix
         self.fill = fill
         self.available_key = available_key
-        self._seed = 0
-
-    def randomize(self, data: Any = None) -> None:
-        """Draw the seed of this call's ``torch.Generator`` from MONAI's ``RandomState``."""
-        self._sync_worker_state()
-        self._seed = int(self.R.randint(0, 2**31 - 1))
 
     def _available(self, d: Mapping[Hashable, Any]) -> torch.Tensor | None:
         if self.available_key is None:

@@ -91,12 +91,6 @@ class TemplateMixd(WorkerSeeded, MapTransform):
         self.replaced_key = replaced_key
         self.available_key = available_key
         self.offset_key = offset_key
-        self._seed = 0
-
-    def randomize(self, data: Any = None) -> None:
-        """Draw the seed of this call's ``torch.Generator`` from MONAI's ``RandomState``."""
-        self._sync_worker_state()
-        self._seed = int(self.R.randint(0, 2**31 - 1))
 
     def _optional(self, d: Mapping[Hashable, Any], key: str | None, shape: str) -> Any:
         if key is None:
