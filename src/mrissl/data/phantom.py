@@ -93,7 +93,7 @@ PHANTOM_TISSUES: Mapping[str, Tissue] = MappingProxyType(
         "necrosis": Tissue(pd=0.95, t1=2000.0, t2=250.0),
     }
 )
-"""Tissue name → MR properties (1.5 T); the [phantom guide](../phantom.md#how-a-head-is-drawn)
+"""Tissue name → MR properties (1.5 T); the [phantom guide][how-a-head-is-drawn]
 gives the source of each value."""
 
 PHANTOM_SEQUENCES: Mapping[str, PulseSequence] = MappingProxyType(
@@ -266,7 +266,7 @@ def synthetic_phantom(
     ``|b| ≤ 1``, and Rician noise ``|S + n₁ + i·n₂|``, ``n ~ N(0, (noise·S_max)²)``; each
     modality is finally divided by its maximum. The spatial axes are RAS+ (left→right,
     posterior→anterior, inferior→superior). The anatomy, the tissue values and their sources
-    are in the [phantom guide](../phantom.md#how-a-head-is-drawn).
+    are in the [phantom guide][how-a-head-is-drawn].
 
     Randomness: everything is drawn from ``generator`` (the global RNG is never used); the
     same seed gives the same tensor on the CPU. On CUDA the noise is drawn on the device, so a

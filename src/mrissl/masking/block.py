@@ -47,7 +47,7 @@ class BlockMask(MaskGenerator):
     as in the released BrainMVP code: an aligned grid, an exact count, the whole crop
     counted. The defaults are the paper's (r = 8, p* = 0.875). Every modality of a sample
     draws its own blocks unless ``shared_across_modalities``; a missing modality is masked
-    entirely. See [the masking guide](../masking.md#brainmvp-block-masking).
+    entirely. See [the masking guide][brainmvp-block-masking].
 
     Args:
         block_size: ``r``, the block edge in voxels, or ``(r0, r1, r2)``.
@@ -120,7 +120,7 @@ class BlockMask(MaskGenerator):
         (``until="counted"``, the literal pseudo-code: overlaps counted twice). The result
         is the sequential loop's, computed without a loop or a host read; how, and what
         happens in the rare case that the fixed number of centres falls short, is in
-        [the masking guide](../masking.md#brainmvp-block-masking).
+        [the masking guide][brainmvp-block-masking].
 
         Args:
             batch_size: ``B``.

@@ -153,7 +153,7 @@ def keep_indices(
     (no second random draw) and go to [`gather_tokens`][mrissl.nn.gather_tokens] and
     [`scatter_tokens`][mrissl.nn.scatter_tokens]. Without ``num_kept`` the kept count ``K``
     is read on the host (a synchronisation on CUDA); padding and the step path are explained
-    in [the masking guide](../masking.md#token-dropping-encoders).
+    in [the masking guide][token-dropping-encoders].
 
     Args:
         mask: ``(B, C, N)`` or ``(B, N)`` bool, True = masked.

@@ -5,7 +5,7 @@ volume), the fill value (a constant, a statistic, noise, a tensor or another mod
 one elementwise write ``where(mask, value, volume)``. The fast paths, each checked against the
 plain path in the tests and timed against it in ``benchmarks/bench_masking.py``, are
 ``_row_layout``, ``_bitwise_zero_fill`` and ``_patch_square_sums``; see
-[the masking guide](../masking.md#how-a-mask-is-applied).
+[the masking guide][how-a-mask-is-applied].
 """
 
 from __future__ import annotations
@@ -296,7 +296,7 @@ def apply_mask(
     ``x_m = where(M, fill, x)`` with ``M`` the voxel mask of ``mask``: the encoder input of
     E-MIM eq. 9. Keep ``volume`` as the reconstruction target. The fills, their statistics and
     ``out=`` (a buffer reused across training steps) are described in
-    [the masking guide](../masking.md#applying-a-mask).
+    [the masking guide][applying-a-mask].
 
     Args:
         volume: ``(B, C, D, H, W)`` floating-point volumes.
@@ -366,7 +366,7 @@ def cross_modal_fill(
     drawn uniformly among the other **present** modalities of case ``b`` (BrainMVP
     Algorithm 1). Where there is none (one present modality, or ``c`` missing) the masked
     voxels take ``fallback`` and ``s = -1``. See
-    [the masking guide](../masking.md#cross-modal-fill).
+    [the masking guide][cross-modal-fill].
 
     Args:
         volume: ``(B, C, D, H, W)`` floating-point volumes.

@@ -47,7 +47,7 @@ class ModalMask(MaskGenerator):
     modal"); with ``probability=p`` each eligible modality is masked independently with
     probability ``p``. At least one present modality is always kept, so a case with a single
     present modality gets no modal mask. See
-    [the masking guide](../masking.md#step-1-modal-mask).
+    [the masking guide][step-1-modal-mask].
 
     Args:
         num_masked: modalities to mask per sample (ignored when ``probability`` is given).
@@ -272,7 +272,7 @@ class PatchMask(MaskGenerator):
     where ``e = 1`` at ``round(frac(r · V) · N')`` of the sample's ``N'`` positions, chosen
     uniformly, else 0. So no position loses every modality, each visible patch is hidden with
     probability about ``r``, and the count per sample is fixed. Missing modalities are not
-    visible. See [the masking guide](../masking.md#step-3-patch-mask).
+    visible. See [the masking guide][step-3-patch-mask].
 
     Args:
         mask_ratio: fraction of the visible modalities of a position to hide, in ``[0, 1)``.
@@ -366,7 +366,7 @@ class HybridMaskPattern(MaskGenerator):
     ([`table_iii_row`][mrissl.masking.HybridMaskPattern.table_iii_row]). The defaults mask
     0.8125 of the tokens for ``C = 4``; why these defaults, the ablation table, and what the
     masked fraction does not change are in
-    [the masking guide](../masking.md#defaults-and-the-realised-ratio).
+    [the masking guide][defaults-and-the-realised-ratio].
 
     Args:
         modal: a [`ModalMask`][mrissl.masking.ModalMask], an int (``ModalMask(num_masked=k)``)

@@ -22,7 +22,7 @@ class RandomTokenMask(MaskGenerator):
     sample and masked in every modality: MAE on a channel-stacked encoder, the E-MIM
     authors' baseline. With ``False`` each modality of each sample draws its own positions.
     A missing modality is masked at every position. See
-    [the masking guide](../masking.md#mae-random-token-masking).
+    [the masking guide][mae-random-token-masking].
 
     Args:
         mask_ratio: fraction of tokens to mask, in ``[0, 1)``.

@@ -2,7 +2,7 @@
 
 The grammar (``random:R``, ``random-each:R``, ``hmp[:M,P,Q]``, ``modal[:M]``,
 ``position:R``, ``patch:R``, ``block:R[:S]``) is in
-[the masking guide](../masking.md#masks-as-text).
+[the masking guide][masks-as-text].
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def parse_mask_spec(spec: str, patch_size: int) -> MaskSpec:
 
     ``"kind[:arguments]"``, for example ``"random:0.75"``, ``"hmp"``, ``"hmp:1,0.5,-"`` or
     ``"block:0.875:8"``; every kind is listed in
-    [the masking guide](../masking.md#masks-as-text).
+    [the masking guide][masks-as-text].
 
     Args:
         spec: the specification; the kind is case-insensitive.

@@ -68,7 +68,7 @@ class TemplateMix(nn.Module):
     A copy replaces ``min_replaced … min(max_replaced, A − 1)`` of the case's ``A`` present
     modalities, so a real one always stays and a missing one is never touched. A case with one
     present modality gets ``block_mask`` blocks filled from its template instead. How the
-    counts are paired, and why, is in the [guide](../templates.md#downstream-template-mix).
+    counts are paired, and why, is in the [guide][downstream-template-mix].
     Vectorized over the batch; the templates are read without gradient.
 
     Args:

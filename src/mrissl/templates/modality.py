@@ -54,7 +54,7 @@ class ModalityTemplates(nn.Module):
     aliases of [`mrissl.modalities`][mrissl.modalities]. Names, settings and the ``affine`` are
     saved in the ``state_dict``, so
     [`from_state_dict`][mrissl.templates.ModalityTemplates.from_state_dict] rebuilds the
-    module from a checkpoint alone. The [templates guide](../templates.md#learnable-templates)
+    module from a checkpoint alone. The [templates guide][learnable-templates]
     discusses the canvas size, the gradients of each normalization and the optimizer's memory.
 
     Args:
