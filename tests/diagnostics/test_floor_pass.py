@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import mrissl
 from mrissl.diagnostics import CollapseFloorMeter
 from mrissl.diagnostics._floor_pass import SharedFloorPass
 from mrissl.masking import BlockMask, HybridMaskPattern, RandomTokenMask
@@ -65,6 +66,16 @@ def test_shared_pass_equals_each_meter_on_its_own(batch):
     joint = SharedFloorPass(_meters())
     got = _shared(joint, volumes, available, batch)
     assert joint.shared  # token masks, constant="voxel", float32: the shared path ran
+    _assert_same(got, expected)
+
+
+def test_values_of_a_missing_modality_are_ignored():
+    volumes, available = _data(n=4)
+    expected = _separately(_meters(), volumes, available, 2)
+    for v, a in zip(volumes, available, strict=True):
+        v[~a] = float("nan")  # garbage where the modality is missing
+    with mrissl.checks("none"):  # the value check would reject the NaN before the sums
+        got = _shared(SharedFloorPass(_meters()), volumes, available, 2)
     _assert_same(got, expected)
 
 

@@ -201,28 +201,19 @@ class SharedFloorPass:
         f64 = torch.float64
         present = torch.ones(B, C, dtype=torch.bool, device=x.device) if avail is None else avail
 
-        def case(b: int) -> torch.Tensor:  # one case, its missing modalities zero
-            return x[b] if avail is None else torch.where(present[b, :, None, None, None], x[b], 0)
-
+        if avail is not None:  # a missing modality's values are ignored: zero them
+            x = torch.where(present[:, :, None, None, None], x, 0)
+        batch_sum = x.sum(dim=0)
         if "shift" not in common:  # as the meters do: the first batch's mean of each voxel
             n_first = present.sum(dim=0).clamp(min=1).to(x.dtype)
-            total = torch.zeros(x.shape[1:], dtype=x.dtype, device=x.device)
-            for b in range(B):
-                total += case(b)
-            common["shift"] = total / n_first.view(-1, 1, 1, 1)
-        # [centred x | its square], token-major: (C·T, 2B, P), one matrix per token; written
-        # one case at a time, so that no batch-sized temporary exists besides it
+            common["shift"] = batch_sum / n_first.view(-1, 1, 1, 1)
+        common["x_sum"] += batch_sum
+        # [centred x | its square], token-major: (C·T, 2B, P), one matrix per token, written
+        # in place (a missing modality's masks are all False: its weights are zero)
         xx = self._buffer("xx", (C * T, 2 * B, P), x)
-        centred = xx[:, :B].view(C, gd, gh, gw, B, *g)
-
-        def token_major(t: torch.Tensor) -> torch.Tensor:  # (C, D, H, W) viewed (C, T.., P..)
-            return t.view(C, gd, g[0], gh, g[1], gw, g[2]).permute(0, 1, 3, 5, 2, 4, 6)
-
-        shift = token_major(common["shift"])
-        for b in range(B):
-            xb = case(b)
-            common["x_sum"] += xb
-            torch.sub(token_major(xb), shift, out=centred[:, :, :, :, b])
+        as_tokens = x.view(B, C, gd, g[0], gh, g[1], gw, g[2]).permute(1, 2, 4, 6, 0, 3, 5, 7)
+        shift = common["shift"].view(C, gd, g[0], gh, g[1], gw, g[2]).permute(0, 1, 3, 5, 2, 4, 6)
+        torch.sub(as_tokens, shift.unsqueeze(4), out=xx[:, :B].view(C, gd, gh, gw, B, *g))
         torch.mul(xx[:, :B], xx[:, :B], out=xx[:, B:])
         x2_tokens = xx[:, B:].sum(dim=-1).to(f64).view(C, T, B).permute(2, 0, 1)  # (B, C, T)
         # every meter's rows of one product (C·T, rows, 2B) @ (C·T, 2B, P): row e takes
