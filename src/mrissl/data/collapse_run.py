@@ -124,15 +124,14 @@ class CaseCrops(Dataset[dict[str, Any]]):
         C, S = len(self.modalities), self.crop
         if fast is not None and list(case.paths) == self.modalities:
             # the shortcut's float32 crop of a complete case, in channel order: no copy
-            available = torch.ones(C, dtype=torch.bool)
-            return {"image": image, "available": available, "index": i, "name": case.name,
-                    "error": None}  # fmt: skip
-        out = torch.zeros((C, S, S, S), dtype=torch.float32)
-        available = torch.zeros(C, dtype=torch.bool)
-        for j, modality in enumerate(case.paths):
-            c = self.modalities.index(modality)
-            out[c] = image[j]
-            available[c] = True
+            out, available = fast, torch.ones(C, dtype=torch.bool)
+        else:
+            out = torch.zeros((C, S, S, S), dtype=torch.float32)
+            available = torch.zeros(C, dtype=torch.bool)
+            for j, modality in enumerate(case.paths):
+                c = self.modalities.index(modality)
+                out[c] = image[j]
+                available[c] = True
         return {"image": out, "available": available, "index": i, "name": case.name, "error": None}
 
 
