@@ -21,7 +21,7 @@ Two comparisons:
    (``SharedFloorPass``: one batched product over tokens for every meter); baseline: each
    ``CollapseFloorMeter.update`` on its own (the plain path). The floors are checked equal
    (1e-6 relative) before anything is timed. Target: time ratio <= 0.25 (measured on two
-   CPU cores, one thread: 0.24, peak memory 0.68×).
+   CPU cores, one thread: 0.22, peak memory 0.67×).
 
 Run from the repository root::
 

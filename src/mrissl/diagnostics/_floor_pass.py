@@ -284,7 +284,7 @@ class SharedFloorPass:
         if j == 0:
             self._flush()
         E, r = sums.e0.shape[0], sums.row
-        meter._allocate(shape, torch.float32, g)
+        meter._allocate(shape, torch.float32, g, zero=False)  # every sum is written below
         out = meter._sums
         out["shift"].copy_(self._common["shift"])
         out["s0"].copy_(spread(sums.s0))

@@ -180,41 +180,48 @@ class CollapseFloorMeter:
         self.num_volumes = 0
 
     def _allocate(
-        self, shape: tuple[int, ...], dtype: torch.dtype, e0_patch: tuple[int, int, int] | None
+        self,
+        shape: tuple[int, ...],
+        dtype: torch.dtype,
+        e0_patch: tuple[int, int, int] | None,
+        *,
+        zero: bool = True,
     ) -> None:
         """Sums per constant (``(C, D, H, W)`` or ``(C,)``); the evaluation draws' per draw.
 
         With one constant per voxel and token masks, the evaluation draws' mask counts are
         kept per token (``(E, C, N)``, ``e0_patch`` set): the loss needs them only against
-        per-voxel weights summed over each token's patch.
+        per-voxel weights summed over each token's patch. ``zero=False`` leaves the sums
+        uninitialised, for a caller that writes every one of them.
         """
         C = shape[0]
         voxel = self.constant == "voxel"
         per = tuple(shape) if voxel else (C,)
         count = torch.float32 if voxel else torch.float64
         E, f64, dev = self.num_draws - self.fit_draws, torch.float64, self.device
+        self._e0_patch = e0_patch if voxel else None
+        e0_shape = (E, *per)
+        if self._e0_patch is not None:
+            e0_shape = (E, C, math.prod(grid_size(tuple(shape[1:]), self._e0_patch)))
         # float32 data, one constant per voxel: the sums that meet no cancellation (s2, x_sum)
         # and the evaluation draws' Σ m (x - shift), which only meets small c - shift, stay
         # in float32; the fit's Σ m (x - shift), which gives the constants, in float64
         wide = f64 if dtype == f64 or not voxel else torch.float32
+        new = torch.zeros if zero else torch.empty
         self._sums = {
-            "shift": torch.zeros(per, dtype=dtype, device=dev),
-            "s0": torch.zeros(per, dtype=count, device=dev),  # fit: Σ m
-            "s1": torch.zeros(per, dtype=f64, device=dev),  # fit: Σ m (x - shift)
-            "s2": torch.zeros(per, dtype=wide, device=dev),  # fit: Σ m (x - shift)²
-            "x_sum": torch.zeros(per, dtype=wide, device=dev),  # Σ x over present volumes
-            "n": torch.zeros(C, dtype=f64, device=dev),  # values per constant
-            "e0": torch.zeros((E, *per), dtype=count, device=dev),  # per evaluation draw
-            "e1": torch.zeros((E, *per), dtype=wide, device=dev),
-            "e2": torch.zeros((E, C), dtype=f64, device=dev),
-            "voxels": torch.zeros(C, dtype=f64, device=dev),  # present voxels
-            "fit_masked": torch.zeros(self.fit_draws, dtype=f64, device=dev),
-            "volumes": torch.zeros(C, dtype=f64, device=dev),  # volumes per modality
+            "shift": new(per, dtype=dtype, device=dev),
+            "s0": new(per, dtype=count, device=dev),  # fit: Σ m
+            "s1": new(per, dtype=f64, device=dev),  # fit: Σ m (x - shift)
+            "s2": new(per, dtype=wide, device=dev),  # fit: Σ m (x - shift)²
+            "x_sum": new(per, dtype=wide, device=dev),  # Σ x over present volumes
+            "n": new(C, dtype=f64, device=dev),  # values per constant
+            "e0": new(e0_shape, dtype=count, device=dev),  # per evaluation draw
+            "e1": new((E, *per), dtype=wide, device=dev),
+            "e2": new((E, C), dtype=f64, device=dev),
+            "voxels": new(C, dtype=f64, device=dev),  # present voxels
+            "fit_masked": new(self.fit_draws, dtype=f64, device=dev),
+            "volumes": new(C, dtype=f64, device=dev),  # volumes per modality
         }
-        self._e0_patch = e0_patch if self.constant == "voxel" else None
-        if self._e0_patch is not None:
-            N = math.prod(grid_size(tuple(shape[1:]), self._e0_patch))
-            self._sums["e0"] = torch.zeros((E, C, N), dtype=count, device=dev)
         self._shape = tuple(shape)
 
     def _e0_to_voxels(self) -> None:
